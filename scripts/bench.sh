@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# make bench: every figure measured side by side with its baseline, in one run, one line each:
+#   bench: NAME = VALUE UNIT (baseline NAME = VALUE UNIT, ratio R, goal G)
+# Host figures first (pure code), then the test-VM figures (real LVM) when BENCH_VM != 0.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== host benches"
+cargo bench --quiet --bench scheduler 2>/dev/null | grep '^bench:'
+if [ "${BENCH_VM:-1}" != 0 ] && [ -x tests/e2e/bench-vm.sh ]; then
+  echo "== test-VM benches (real LVM and tgt inside a Debian guest)"
+  bash tests/e2e/bench-vm.sh | grep '^bench:'
+fi

@@ -1,0 +1,179 @@
+//! The pool seam: what every kind of pool (file, lvm-thick, lvm-thin) provides. The agent
+//! service enforces Cinder's rules above it; a backend only stores and reports.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::SystemTime;
+
+use super::{AgentError, SnapshotId, VolumeId};
+use crate::config::PoolKindConfig;
+use crate::types::Bytes;
+
+/// A capacity figure that may be unknown or unbounded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Capacity {
+    /// A known number of bytes.
+    Known(Bytes),
+    /// The backend cannot tell.
+    Unknown,
+    /// No practical limit.
+    Infinite,
+}
+
+/// Pool statistics, read from the storage at each call.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PoolStats {
+    /// Usable size of the pool.
+    pub total: Capacity,
+    /// Free space.
+    pub free: Capacity,
+    /// Sum of the virtual sizes of volumes and snapshots.
+    pub provisioned: Bytes,
+    /// Bytes really allocated.
+    pub allocated: Bytes,
+    /// Number of volumes.
+    pub volume_count: u32,
+    /// Number of snapshots.
+    pub snapshot_count: u32,
+}
+
+/// Where a volume's content came from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// Restored from a snapshot.
+    Snapshot(SnapshotId),
+    /// Cloned from a volume.
+    Volume(VolumeId),
+}
+
+/// A volume as its durable state describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct VolumeRecord {
+    /// Id.
+    pub id: VolumeId,
+    /// Pool name.
+    pub pool: String,
+    /// Exact size.
+    pub size: Bytes,
+    /// Allocated bytes (thin/file may be below size).
+    pub allocated: Bytes,
+    /// Volume type name.
+    pub volume_type: String,
+    /// Content source.
+    pub source: Option<Source>,
+    /// Initiator IQNs the volume is exported to (durable, so exports survive tgtd restarts).
+    pub exported_to: Vec<String>,
+    /// Caller-owned metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Creation time.
+    pub created_at: SystemTime,
+}
+
+/// A snapshot as its durable state describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SnapshotRecord {
+    /// Id.
+    pub id: SnapshotId,
+    /// Origin volume.
+    pub source_volume: VolumeId,
+    /// Pool name.
+    pub pool: String,
+    /// Size of the origin at snapshot time.
+    pub size: Bytes,
+    /// Caller-owned metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Creation time.
+    pub created_at: SystemTime,
+}
+
+/// What to create.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewVolume {
+    /// Id chosen by the caller.
+    pub id: VolumeId,
+    /// Size, already rounded up to the pool's extent.
+    pub size: Bytes,
+    /// Volume type name.
+    pub volume_type: String,
+    /// Caller-owned metadata.
+    pub metadata: BTreeMap<String, String>,
+    /// Content source on this pool, if any.
+    pub source: Option<Source>,
+}
+
+/// What to snapshot.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NewSnapshot {
+    /// Id chosen by the caller.
+    pub id: SnapshotId,
+    /// Origin volume (on this pool).
+    pub source_volume: VolumeId,
+    /// Caller-owned metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// One pool's storage operations. Implementations must be safe to call concurrently for
+/// different volumes; the service serialises calls for one volume.
+#[tonic::async_trait]
+pub trait Backend: Send + Sync + std::fmt::Debug {
+    /// Pool name.
+    fn name(&self) -> &str;
+
+    /// Pool kind.
+    fn kind(&self) -> PoolKindConfig;
+
+    /// Allocation unit; volume sizes are multiples of it.
+    fn extent(&self) -> Bytes;
+
+    /// Whether a freshly created volume reads as zeros everywhere (so a writer may skip holes).
+    fn fresh_reads_zero(&self) -> bool;
+
+    /// Prepares the pool (create directories, check the VG/thin pool exist) and cleans up
+    /// leftovers of an interrupted create. Called once at start and by reconciliation.
+    async fn open(&self) -> Result<(), AgentError>;
+
+    /// Capacity statistics.
+    async fn stats(&self) -> Result<PoolStats, AgentError>;
+
+    /// Every volume of the pool, from durable state.
+    async fn volumes(&self) -> Result<Vec<VolumeRecord>, AgentError>;
+
+    /// Every snapshot of the pool, from durable state.
+    async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, AgentError>;
+
+    /// Creates a volume (blank, or from a snapshot or volume of this pool). The metadata is
+    /// written together with the volume, so a crash cannot leave an undescribed volume.
+    async fn create(&self, new: &NewVolume) -> Result<VolumeRecord, AgentError>;
+
+    /// Deletes a volume, clearing its data as configured. `VolumeNotFound` when absent.
+    async fn delete(&self, id: &VolumeId) -> Result<(), AgentError>;
+
+    /// Grows a volume to `size` (already rounded). The service has checked the rules.
+    async fn extend(&self, id: &VolumeId, size: Bytes) -> Result<VolumeRecord, AgentError>;
+
+    /// True when growing this volume requires it to be inactive (thick origin with snapshots).
+    async fn extend_needs_detach(&self, id: &VolumeId) -> Result<bool, AgentError>;
+
+    /// Creates a snapshot of a volume of this pool.
+    async fn snapshot(&self, new: &NewSnapshot) -> Result<SnapshotRecord, AgentError>;
+
+    /// Deletes a snapshot. `SnapshotNotFound` when absent.
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AgentError>;
+
+    /// Replaces the volume type and/or metadata.
+    async fn update(
+        &self,
+        id: &VolumeId,
+        volume_type: Option<&str>,
+        metadata: Option<&BTreeMap<String, String>>,
+    ) -> Result<VolumeRecord, AgentError>;
+
+    /// Records the initiators a volume is exported to (durably).
+    async fn set_exports(&self, id: &VolumeId, initiators: &[String]) -> Result<(), AgentError>;
+
+    /// The block device or file holding a volume's data (what tgt exports).
+    fn volume_path(&self, id: &VolumeId) -> PathBuf;
+
+    /// The block device or file holding a snapshot's data.
+    fn snapshot_path(&self, id: &SnapshotId) -> PathBuf;
+}

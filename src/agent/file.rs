@@ -1,0 +1,640 @@
+//! The `file` pool: volumes are sparse files in a directory, exported by tgt as file-backed
+//! LUNs (Cinder's NFS-driver idea). It works wherever device-mapper is missing.
+//!
+//! Layout: `volume-<id>.img` holds the data and `volume-<id>.json` describes it; snapshots
+//! are `snapshot-<id>.img` / `.json`. The JSON file is the commit record: it is written
+//! atomically (temporary file, fsync, rename, fsync of the directory) after the data file is
+//! complete, and removed first on delete. An image without its JSON is the remains of an
+//! interrupted create and is removed by [`FilePool::open`].
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+
+use super::backend::{
+    Backend, Capacity, NewSnapshot, NewVolume, PoolStats, SnapshotRecord, Source, VolumeRecord,
+};
+use super::{data, AgentError, SnapshotId, VolumeId};
+use crate::config::{PoolConfig, PoolKindConfig};
+use crate::types::Bytes;
+
+/// Allocation unit of file pools.
+pub const FILE_EXTENT: Bytes = Bytes::mib(1);
+
+/// Version of the metadata file format.
+const META_VERSION: u32 = 1;
+
+/// A file pool.
+#[derive(Debug)]
+pub struct FilePool {
+    name: String,
+    dir: PathBuf,
+    capacity: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VolumeMeta {
+    version: u32,
+    id: String,
+    size: u64,
+    volume_type: String,
+    #[serde(default)]
+    source_snapshot: Option<String>,
+    #[serde(default)]
+    source_volume: Option<String>,
+    #[serde(default)]
+    exported_to: Vec<String>,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    created_at: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SnapshotMeta {
+    version: u32,
+    id: String,
+    source_volume: String,
+    size: u64,
+    #[serde(default)]
+    metadata: BTreeMap<String, String>,
+    created_at: u64,
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+fn from_unix(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// Writes `bytes` to `path` atomically and durably.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp).map_err(AgentError::io("create", &tmp))?;
+    f.write_all(bytes).map_err(AgentError::io("write", &tmp))?;
+    f.sync_all().map_err(AgentError::io("fsync", &tmp))?;
+    std::fs::rename(&tmp, path).map_err(AgentError::io("rename", path))?;
+    sync_dir(dir)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), AgentError> {
+    std::fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(AgentError::io("fsync", dir))
+}
+
+fn remove_if_exists(path: &Path) -> Result<bool, AgentError> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+        Err(e) => Err(AgentError::io("remove", path)(e)),
+    }
+}
+
+/// Runs blocking file work off the async runtime.
+async fn blocking<T, F>(f: F) -> Result<T, AgentError>
+where
+    F: FnOnce() -> Result<T, AgentError> + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f).await.unwrap_or_else(|e| {
+        Err(AgentError::Io {
+            op: "join",
+            path: PathBuf::new(),
+            source: std::io::Error::other(e.to_string()),
+        })
+    })
+}
+
+impl FilePool {
+    /// A file pool from its configuration (`kind = "file"`, `path` set).
+    pub fn new(cfg: &PoolConfig) -> Result<Self, AgentError> {
+        let dir = cfg.path.clone().ok_or_else(|| {
+            AgentError::InvalidArgument(format!("file pool {} has no path", cfg.name))
+        })?;
+        Ok(FilePool {
+            name: cfg.name.clone(),
+            dir,
+            capacity: cfg.capacity_bytes,
+        })
+    }
+
+    fn vol_img(&self, id: &VolumeId) -> PathBuf {
+        self.dir.join(format!("volume-{id}.img"))
+    }
+
+    fn vol_meta(&self, id: &VolumeId) -> PathBuf {
+        self.dir.join(format!("volume-{id}.json"))
+    }
+
+    fn snap_img(&self, id: &SnapshotId) -> PathBuf {
+        self.dir.join(format!("snapshot-{id}.img"))
+    }
+
+    fn snap_meta(&self, id: &SnapshotId) -> PathBuf {
+        self.dir.join(format!("snapshot-{id}.json"))
+    }
+
+    fn allocated(path: &Path) -> u64 {
+        std::fs::metadata(path).map_or(0, |m| m.blocks() * 512)
+    }
+
+    fn read_volume_meta(&self, id: &VolumeId) -> Result<Option<VolumeMeta>, AgentError> {
+        let p = self.vol_meta(id);
+        match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(|e| AgentError::Parse {
+                    tool: "file pool metadata",
+                    reason: format!("{}: {e}", p.display()),
+                }),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(AgentError::io("read", &p)(e)),
+        }
+    }
+
+    fn write_volume_meta(&self, m: &VolumeMeta) -> Result<(), AgentError> {
+        let id = VolumeId::parse(&m.id)?;
+        let bytes = serde_json::to_vec_pretty(m).map_err(|e| AgentError::Parse {
+            tool: "file pool metadata",
+            reason: e.to_string(),
+        })?;
+        write_atomic(&self.vol_meta(&id), &bytes)
+    }
+
+    fn volume_record(&self, m: VolumeMeta) -> Result<VolumeRecord, AgentError> {
+        let id = VolumeId::parse(&m.id)?;
+        let source = match (&m.source_snapshot, &m.source_volume) {
+            (Some(s), _) => Some(Source::Snapshot(SnapshotId::parse(s)?)),
+            (None, Some(v)) => Some(Source::Volume(VolumeId::parse(v)?)),
+            (None, None) => None,
+        };
+        Ok(VolumeRecord {
+            allocated: Bytes(Self::allocated(&self.vol_img(&id))),
+            id,
+            pool: self.name.clone(),
+            size: Bytes(m.size),
+            volume_type: m.volume_type,
+            source,
+            exported_to: m.exported_to,
+            metadata: m.metadata,
+            created_at: from_unix(m.created_at),
+        })
+    }
+
+    fn snapshot_record(&self, m: SnapshotMeta) -> Result<SnapshotRecord, AgentError> {
+        Ok(SnapshotRecord {
+            id: SnapshotId::parse(&m.id)?,
+            source_volume: VolumeId::parse(&m.source_volume)?,
+            pool: self.name.clone(),
+            size: Bytes(m.size),
+            metadata: m.metadata,
+            created_at: from_unix(m.created_at),
+        })
+    }
+
+    /// Names in the pool directory with a given prefix and suffix (the id in between).
+    fn ids_with(&self, prefix: &str, suffix: &str) -> Result<Vec<String>, AgentError> {
+        let mut out = Vec::new();
+        let rd = std::fs::read_dir(&self.dir).map_err(AgentError::io("list", &self.dir))?;
+        for entry in rd {
+            let entry = entry.map_err(AgentError::io("list", &self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name
+                .strip_prefix(prefix)
+                .and_then(|r| r.strip_suffix(suffix))
+            {
+                out.push(id.to_owned());
+            }
+        }
+        out.sort();
+        Ok(out)
+    }
+
+    /// Makes `dst` a copy of `src` sized `size`: a reflink where the filesystem can, else a
+    /// sparse-aware copy. Written under a temporary name and renamed into place.
+    fn clone_file(src: &Path, dst: &Path, size: u64) -> Result<(), AgentError> {
+        let dir = dst.parent().unwrap_or(Path::new("."));
+        let tmp = dir.join(format!(
+            ".{}.tmp",
+            dst.file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default()
+        ));
+        remove_if_exists(&tmp)?;
+        if reflink_copy::reflink(src, &tmp).is_err() {
+            let f = std::fs::File::create(&tmp).map_err(AgentError::io("create", &tmp))?;
+            f.set_len(data::device_size(src)?)
+                .map_err(AgentError::io("truncate", &tmp))?;
+            drop(f);
+            data::copy_sparse(src, &tmp, true)?;
+        }
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&tmp)
+            .map_err(AgentError::io("open", &tmp))?;
+        if f.metadata().map_err(AgentError::io("stat", &tmp))?.len() < size {
+            f.set_len(size).map_err(AgentError::io("truncate", &tmp))?;
+        }
+        f.sync_all().map_err(AgentError::io("fsync", &tmp))?;
+        std::fs::rename(&tmp, dst).map_err(AgentError::io("rename", dst))
+    }
+}
+
+#[tonic::async_trait]
+impl Backend for FilePool {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn kind(&self) -> PoolKindConfig {
+        PoolKindConfig::File
+    }
+
+    fn extent(&self) -> Bytes {
+        FILE_EXTENT
+    }
+
+    fn fresh_reads_zero(&self) -> bool {
+        true
+    }
+
+    async fn open(&self) -> Result<(), AgentError> {
+        std::fs::create_dir_all(&self.dir).map_err(AgentError::io("create", &self.dir))?;
+        // Remains of interrupted operations: temporary files, and images whose commit record
+        // (the JSON file) was never written or was already removed by a delete.
+        let rd = std::fs::read_dir(&self.dir).map_err(AgentError::io("list", &self.dir))?;
+        for entry in rd {
+            let entry = entry.map_err(AgentError::io("list", &self.dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let orphan = if name.starts_with('.') && name.ends_with(".tmp") {
+                true
+            } else if let Some(stem) = name.strip_suffix(".img") {
+                !self.dir.join(format!("{stem}.json")).exists()
+            } else {
+                false
+            };
+            if orphan {
+                tracing::warn!(pool = %self.name, file = %name, "removing leftover of an interrupted operation");
+                remove_if_exists(&entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn stats(&self) -> Result<PoolStats, AgentError> {
+        let vols = self.volumes().await?;
+        let snaps = self.snapshots().await?;
+        let provisioned: u64 = vols
+            .iter()
+            .map(|v| v.size.0)
+            .chain(snaps.iter().map(|s| s.size.0))
+            .sum();
+        let allocated: u64 = vols.iter().map(|v| v.allocated.0).sum::<u64>()
+            + snaps
+                .iter()
+                .map(|s| Self::allocated(&self.snap_img(&s.id)))
+                .sum::<u64>();
+        let vfs = rustix::fs::statvfs(&self.dir)
+            .map_err(|e| AgentError::io("statvfs", &self.dir)(e.into()))?;
+        let fs_total = vfs.f_blocks * vfs.f_frsize;
+        let fs_free = vfs.f_bavail * vfs.f_frsize;
+        let (total, free) = match self.capacity {
+            Some(cap) => (cap, cap.saturating_sub(allocated).min(fs_free)),
+            None => (fs_total, fs_free),
+        };
+        Ok(PoolStats {
+            total: Capacity::Known(Bytes(total)),
+            free: Capacity::Known(Bytes(free)),
+            provisioned: Bytes(provisioned),
+            allocated: Bytes(allocated),
+            volume_count: vols.len() as u32,
+            snapshot_count: snaps.len() as u32,
+        })
+    }
+
+    async fn volumes(&self) -> Result<Vec<VolumeRecord>, AgentError> {
+        let mut out = Vec::new();
+        for raw in self.ids_with("volume-", ".json")? {
+            let Ok(id) = VolumeId::parse(&raw) else {
+                continue;
+            };
+            if let Some(m) = self.read_volume_meta(&id)? {
+                out.push(self.volume_record(m)?);
+            }
+        }
+        Ok(out)
+    }
+
+    async fn snapshots(&self) -> Result<Vec<SnapshotRecord>, AgentError> {
+        let mut out = Vec::new();
+        for raw in self.ids_with("snapshot-", ".json")? {
+            let Ok(id) = SnapshotId::parse(&raw) else {
+                continue;
+            };
+            let p = self.snap_meta(&id);
+            let bytes = match std::fs::read(&p) {
+                Ok(b) => b,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(AgentError::io("read", &p)(e)),
+            };
+            let m: SnapshotMeta =
+                serde_json::from_slice(&bytes).map_err(|e| AgentError::Parse {
+                    tool: "file pool metadata",
+                    reason: format!("{}: {e}", p.display()),
+                })?;
+            out.push(self.snapshot_record(m)?);
+        }
+        Ok(out)
+    }
+
+    async fn create(&self, new: &NewVolume) -> Result<VolumeRecord, AgentError> {
+        let img = self.vol_img(&new.id);
+        let size = new.size.0;
+        let src = match &new.source {
+            None => None,
+            Some(Source::Snapshot(s)) => {
+                if !self.snap_meta(s).exists() {
+                    return Err(AgentError::SnapshotNotFound(s.clone()));
+                }
+                Some(self.snap_img(s))
+            }
+            Some(Source::Volume(v)) => {
+                if !self.vol_meta(v).exists() {
+                    return Err(AgentError::VolumeNotFound(v.clone()));
+                }
+                Some(self.vol_img(v))
+            }
+        };
+        let img2 = img.clone();
+        blocking(move || match src {
+            Some(src) => FilePool::clone_file(&src, &img2, size),
+            None => {
+                let tmp = img2.with_extension("img.creating");
+                let f = std::fs::File::create(&tmp).map_err(AgentError::io("create", &tmp))?;
+                f.set_len(size).map_err(AgentError::io("truncate", &tmp))?;
+                f.sync_all().map_err(AgentError::io("fsync", &tmp))?;
+                std::fs::rename(&tmp, &img2).map_err(AgentError::io("rename", &img2))
+            }
+        })
+        .await?;
+        let (source_snapshot, source_volume) = match &new.source {
+            Some(Source::Snapshot(s)) => (Some(s.to_string()), None),
+            Some(Source::Volume(v)) => (None, Some(v.to_string())),
+            None => (None, None),
+        };
+        let meta = VolumeMeta {
+            version: META_VERSION,
+            id: new.id.to_string(),
+            size,
+            volume_type: new.volume_type.clone(),
+            source_snapshot,
+            source_volume,
+            exported_to: Vec::new(),
+            metadata: new.metadata.clone(),
+            created_at: unix_secs(SystemTime::now()),
+        };
+        if let Err(e) = self.write_volume_meta(&meta) {
+            let _ = remove_if_exists(&img);
+            return Err(e);
+        }
+        self.volume_record(meta)
+    }
+
+    async fn delete(&self, id: &VolumeId) -> Result<(), AgentError> {
+        // The commit record goes first: a crash after it leaves an orphan image that open()
+        // removes, never a described volume without data. A new file never shows old bytes,
+        // so `volume_clear` needs no wipe here.
+        if !remove_if_exists(&self.vol_meta(id))? {
+            return Err(AgentError::VolumeNotFound(id.clone()));
+        }
+        sync_dir(&self.dir)?;
+        remove_if_exists(&self.vol_img(id))?;
+        Ok(())
+    }
+
+    async fn extend(&self, id: &VolumeId, size: Bytes) -> Result<VolumeRecord, AgentError> {
+        let mut m = self
+            .read_volume_meta(id)?
+            .ok_or_else(|| AgentError::VolumeNotFound(id.clone()))?;
+        let img = self.vol_img(id);
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(&img)
+            .map_err(AgentError::io("open", &img))?;
+        f.set_len(size.0)
+            .map_err(AgentError::io("truncate", &img))?;
+        f.sync_all().map_err(AgentError::io("fsync", &img))?;
+        m.size = size.0;
+        self.write_volume_meta(&m)?;
+        self.volume_record(m)
+    }
+
+    async fn extend_needs_detach(&self, _id: &VolumeId) -> Result<bool, AgentError> {
+        Ok(false)
+    }
+
+    async fn snapshot(&self, new: &NewSnapshot) -> Result<SnapshotRecord, AgentError> {
+        let vm = self
+            .read_volume_meta(&new.source_volume)?
+            .ok_or_else(|| AgentError::VolumeNotFound(new.source_volume.clone()))?;
+        let (src, dst) = (self.vol_img(&new.source_volume), self.snap_img(&new.id));
+        let size = vm.size;
+        let dst2 = dst.clone();
+        blocking(move || FilePool::clone_file(&src, &dst2, size)).await?;
+        let meta = SnapshotMeta {
+            version: META_VERSION,
+            id: new.id.to_string(),
+            source_volume: new.source_volume.to_string(),
+            size,
+            metadata: new.metadata.clone(),
+            created_at: unix_secs(SystemTime::now()),
+        };
+        let bytes = serde_json::to_vec_pretty(&meta).map_err(|e| AgentError::Parse {
+            tool: "file pool metadata",
+            reason: e.to_string(),
+        })?;
+        if let Err(e) = write_atomic(&self.snap_meta(&new.id), &bytes) {
+            let _ = remove_if_exists(&dst);
+            return Err(e);
+        }
+        self.snapshot_record(meta)
+    }
+
+    async fn delete_snapshot(&self, id: &SnapshotId) -> Result<(), AgentError> {
+        if !remove_if_exists(&self.snap_meta(id))? {
+            return Err(AgentError::SnapshotNotFound(id.clone()));
+        }
+        sync_dir(&self.dir)?;
+        remove_if_exists(&self.snap_img(id))?;
+        Ok(())
+    }
+
+    async fn update(
+        &self,
+        id: &VolumeId,
+        volume_type: Option<&str>,
+        metadata: Option<&BTreeMap<String, String>>,
+    ) -> Result<VolumeRecord, AgentError> {
+        let mut m = self
+            .read_volume_meta(id)?
+            .ok_or_else(|| AgentError::VolumeNotFound(id.clone()))?;
+        if let Some(t) = volume_type {
+            m.volume_type = t.to_owned();
+        }
+        if let Some(md) = metadata {
+            m.metadata = md.clone();
+        }
+        self.write_volume_meta(&m)?;
+        self.volume_record(m)
+    }
+
+    async fn set_exports(&self, id: &VolumeId, initiators: &[String]) -> Result<(), AgentError> {
+        let mut m = self
+            .read_volume_meta(id)?
+            .ok_or_else(|| AgentError::VolumeNotFound(id.clone()))?;
+        m.exported_to = initiators.to_vec();
+        self.write_volume_meta(&m)
+    }
+
+    fn volume_path(&self, id: &VolumeId) -> PathBuf {
+        self.vol_img(id)
+    }
+
+    fn snapshot_path(&self, id: &SnapshotId) -> PathBuf {
+        self.snap_img(id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pool(dir: &Path) -> FilePool {
+        FilePool {
+            name: "f1".into(),
+            dir: dir.to_owned(),
+            capacity: Some(Bytes::gib(1).0),
+        }
+    }
+
+    fn vid(s: &str) -> VolumeId {
+        VolumeId::parse(s).unwrap()
+    }
+
+    fn new_vol(id: &str, mib: u64, source: Option<Source>) -> NewVolume {
+        NewVolume {
+            id: vid(id),
+            size: Bytes::mib(mib),
+            volume_type: "default".into(),
+            metadata: BTreeMap::from([("csi.name".to_owned(), "pvc-1".to_owned())]),
+            source,
+        }
+    }
+
+    #[tokio::test]
+    async fn lifecycle_and_durable_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        p.open().await.unwrap();
+        let v = p.create(&new_vol("v1", 8, None)).await.unwrap();
+        assert_eq!(
+            (v.size, v.allocated, v.pool.as_str()),
+            (Bytes::mib(8), Bytes(0), "f1")
+        );
+        std::fs::write(p.volume_path(&v.id), b"hello").unwrap();
+        let s = p
+            .snapshot(&NewSnapshot {
+                id: SnapshotId::parse("s1").unwrap(),
+                source_volume: v.id.clone(),
+                metadata: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+        assert_eq!(s.size, Bytes::mib(8));
+        let c = p
+            .create(&new_vol("v2", 16, Some(Source::Snapshot(s.id.clone()))))
+            .await
+            .unwrap();
+        assert_eq!(c.size, Bytes::mib(16));
+        assert_eq!(&std::fs::read(p.volume_path(&c.id)).unwrap()[..5], b"hello");
+        let e = p.extend(&v.id, Bytes::mib(32)).await.unwrap();
+        assert_eq!(e.size, Bytes::mib(32));
+        assert_eq!(
+            data::device_size(&p.volume_path(&v.id)).unwrap(),
+            32 * Bytes::MIB
+        );
+        p.set_exports(&v.id, &["iqn.2000-01.x:a".to_owned()])
+            .await
+            .unwrap();
+
+        // A fresh FilePool over the same directory sees the same state (no memory).
+        let again = pool(dir.path());
+        let vols = again.volumes().await.unwrap();
+        let ids: Vec<_> = vols.iter().map(|v| v.id.as_str().to_owned()).collect();
+        assert_eq!(ids, vec!["v1", "v2"]);
+        assert_eq!(vols[0].exported_to, vec!["iqn.2000-01.x:a".to_owned()]);
+        assert_eq!(vols[1].source, Some(Source::Snapshot(s.id.clone())));
+        let st = again.stats().await.unwrap();
+        assert_eq!(
+            (st.volume_count, st.snapshot_count, st.provisioned),
+            (2, 1, Bytes::mib(32 + 16 + 8))
+        );
+
+        p.delete_snapshot(&s.id).await.unwrap();
+        assert!(matches!(
+            p.delete_snapshot(&s.id).await,
+            Err(AgentError::SnapshotNotFound(_))
+        ));
+        p.delete(&c.id).await.unwrap();
+        assert!(matches!(
+            p.delete(&c.id).await,
+            Err(AgentError::VolumeNotFound(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn open_removes_uncommitted_images() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        p.open().await.unwrap();
+        p.create(&new_vol("keep", 1, None)).await.unwrap();
+        std::fs::write(dir.path().join("volume-crashed.img"), b"x").unwrap();
+        std::fs::write(dir.path().join(".volume-half.json.tmp"), b"{").unwrap();
+        p.open().await.unwrap();
+        let mut names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, vec!["volume-keep.img", "volume-keep.json"]);
+    }
+
+    #[tokio::test]
+    async fn missing_sources_are_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        p.open().await.unwrap();
+        let err = p
+            .create(&new_vol("v", 1, Some(Source::Volume(vid("nope")))))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, AgentError::VolumeNotFound(ref id) if id.as_str() == "nope"),
+            "{err:?}"
+        );
+        assert_eq!(p.volumes().await.unwrap().len(), 0);
+    }
+}

@@ -1,0 +1,579 @@
+//! Configuration: one TOML file per role (`all` takes one file with a section per role), then
+//! command-line flags and `CINDERBLOCK_*` environment variables on top (see `cli.rs`).
+//!
+//! Unknown keys and impossible values are rejected at start with one line naming the key.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::transport::Endpoint;
+
+/// Errors of loading and validating configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}")]
+    Read {
+        /// File path.
+        path: PathBuf,
+        /// OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this role (unknown key, wrong type, bad value).
+    #[error("{path}:{line}: {message}{context}")]
+    Parse {
+        /// File path.
+        path: PathBuf,
+        /// 1-based line of the offending key.
+        line: usize,
+        /// The parser's message, on one line.
+        message: String,
+        /// The offending line, as ` (at `...`)`, or empty.
+        context: String,
+    },
+    /// A value parses but is impossible (e.g. `reserved_percentage = 150`).
+    #[error("config key `{key}`: {reason}")]
+    Invalid {
+        /// Dotted key path, e.g. `agent.pools[1].reserved_percentage`.
+        key: String,
+        /// Why the value is rejected.
+        reason: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Reads and parses a TOML file into `T`, or `T::default()` when `path` is `None`.
+pub fn load<T>(path: Option<&Path>) -> Result<T, ConfigError>
+where
+    T: for<'de> Deserialize<'de> + Default,
+{
+    let Some(path) = path else {
+        return Ok(T::default());
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    parse(path, &text)
+}
+
+/// Parses TOML text (named `path` in errors) into `T`.
+pub fn parse<T>(path: &Path, text: &str) -> Result<T, ConfigError>
+where
+    T: for<'de> Deserialize<'de>,
+{
+    toml::from_str(text).map_err(|e| {
+        let start = e.span().map(|s| s.start).unwrap_or(0).min(text.len());
+        let line = text[..start].bytes().filter(|b| *b == b'\n').count() + 1;
+        let context = text
+            .lines()
+            .nth(line - 1)
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(|l| format!(" (at `{l}`)"))
+            .unwrap_or_default();
+        ConfigError::Parse {
+            path: path.to_owned(),
+            line,
+            message: e.message().replace('\n', " "),
+            context,
+        }
+    })
+}
+
+fn default_csi_endpoint() -> Endpoint {
+    Endpoint::Unix(PathBuf::from("/run/cinderblock/csi.sock"))
+}
+
+fn default_agent_listen() -> Endpoint {
+    Endpoint::Tcp("127.0.0.1:9700".into())
+}
+
+fn default_zone() -> String {
+    "nova".into()
+}
+
+// ---------------------------------------------------------------------------------------
+// Controller
+
+/// A storage agent the controller talks to.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentRef {
+    /// The agent's name (must match what it reports).
+    pub name: String,
+    /// Where its gRPC API listens.
+    pub endpoint: Endpoint,
+}
+
+/// A volume type: a named set of extra specs (Cinder's volume types).
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VolumeTypeConfig {
+    /// Human description.
+    pub description: String,
+    /// Extra specs matched against pool capabilities by the scheduler.
+    pub extra_specs: BTreeMap<String, String>,
+}
+
+/// `cinderblock controller`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerConfig {
+    /// CSI endpoint (Identity + Controller).
+    pub endpoint: Endpoint,
+    /// Statically configured agents (Kubernetes discovery adds to these).
+    pub agents: Vec<AgentRef>,
+    /// Volume type used when a request names none.
+    pub default_volume_type: String,
+    /// Volume types by name.
+    pub volume_types: BTreeMap<String, VolumeTypeConfig>,
+    /// Filters, weighers and attempts of the filter scheduler (`[scheduler]`; Cinder's defaults
+    /// when left out). Not serialized: the scheduler's types only deserialize.
+    #[serde(skip_serializing)]
+    pub scheduler: crate::scheduler::SchedulerConfig,
+    /// How often pool statistics are refreshed from the agents, in seconds (Cinder's
+    /// periodic volume stats report; placements are charged in memory in between).
+    pub stats_interval_secs: u64,
+}
+
+impl Default for ControllerConfig {
+    fn default() -> Self {
+        let mut volume_types = BTreeMap::new();
+        volume_types.insert("default".to_owned(), VolumeTypeConfig::default());
+        ControllerConfig {
+            endpoint: default_csi_endpoint(),
+            agents: Vec::new(),
+            default_volume_type: "default".into(),
+            volume_types,
+            scheduler: crate::scheduler::SchedulerConfig::default(),
+            stats_interval_secs: 10,
+        }
+    }
+}
+
+impl ControllerConfig {
+    /// Rejects impossible combinations.
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        let mut names = BTreeSet::new();
+        for (i, a) in self.agents.iter().enumerate() {
+            if a.name.is_empty() {
+                return Err(invalid(
+                    format!("{prefix}agents[{i}].name"),
+                    "must not be empty",
+                ));
+            }
+            if !names.insert(&a.name) {
+                return Err(invalid(
+                    format!("{prefix}agents[{i}].name"),
+                    format!("duplicate agent {:?}", a.name),
+                ));
+            }
+        }
+        if self.stats_interval_secs == 0 {
+            return Err(invalid(
+                format!("{prefix}stats_interval_secs"),
+                "must be at least 1",
+            ));
+        }
+        if let Err(e) = self.scheduler.validate() {
+            return Err(invalid(format!("{prefix}scheduler"), e.to_string()));
+        }
+        if !self.volume_types.contains_key(&self.default_volume_type) {
+            return Err(invalid(
+                format!("{prefix}default_volume_type"),
+                format!(
+                    "no volume type named {:?} in volume_types",
+                    self.default_volume_type
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Agent
+
+/// What backs a pool.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PoolKindConfig {
+    /// Sparse files in a directory.
+    File,
+    /// Plain logical volumes in a volume group.
+    LvmThick,
+    /// Thin logical volumes in a thin pool.
+    LvmThin,
+}
+
+/// How a deleted volume's blocks are cleared (Cinder's `volume_clear`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum VolumeClear {
+    /// Overwrite with zeros before release.
+    #[default]
+    Zero,
+    /// Release without clearing (only safe on thin pools or trusted tenants).
+    None,
+}
+
+/// One pool served by an agent (Cinder's `enabled_backends` entry).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Pool name, unique on this agent.
+    pub name: String,
+    /// Backing kind.
+    pub kind: PoolKindConfig,
+    /// Directory of a `file` pool.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// Volume group of an LVM pool.
+    #[serde(default)]
+    pub vg: Option<String>,
+    /// Thin pool LV of an `lvm-thin` pool.
+    #[serde(default)]
+    pub thin_pool: Option<String>,
+    /// Capacity of a `file` pool in bytes (default: the filesystem's size).
+    #[serde(default)]
+    pub capacity_bytes: Option<u64>,
+    /// Availability zone.
+    #[serde(default = "default_zone")]
+    pub zone: String,
+    /// Percentage of capacity kept free, 0..100.
+    #[serde(default)]
+    pub reserved_percentage: u32,
+    /// Thin over-subscription limit, >= 1.0.
+    #[serde(default = "default_ratio")]
+    pub max_over_subscription_ratio: f64,
+    /// Free-form capabilities (e.g. `media = "ssd"`).
+    #[serde(default)]
+    pub capabilities: BTreeMap<String, String>,
+    /// iSCSI portals ("address:port") advertised for exports; default: the agent's portal.
+    #[serde(default)]
+    pub portals: Vec<String>,
+    /// How deleted volumes are cleared.
+    #[serde(default)]
+    pub volume_clear: VolumeClear,
+    /// Copy-on-write size of thick snapshots, as a percentage of the origin (1..100).
+    #[serde(default = "default_cow_percent")]
+    pub snapshot_cow_percent: u32,
+}
+
+fn default_ratio() -> f64 {
+    20.0
+}
+
+fn default_cow_percent() -> u32 {
+    25
+}
+
+/// tgtd as the agent drives it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TgtConfig {
+    /// tgtd control port (`tgtadm -C N`); 0 = tgtd's default.
+    pub control_port: u16,
+    /// Portal advertised to initiators when a pool names none ("address:port").
+    pub portal: String,
+}
+
+impl Default for TgtConfig {
+    fn default() -> Self {
+        TgtConfig {
+            control_port: 0,
+            portal: "127.0.0.1:3260".into(),
+        }
+    }
+}
+
+/// `cinderblock agent`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentConfig {
+    /// Agent name, unique in the cluster (default: the host name).
+    pub name: String,
+    /// Where the agent API listens.
+    pub listen: Endpoint,
+    /// tgtd settings.
+    pub tgt: TgtConfig,
+    /// File holding the node-local master key that per-volume CHAP secrets derive from.
+    pub chap_key_file: Option<PathBuf>,
+    /// Pools served.
+    pub pools: Vec<PoolConfig>,
+}
+
+impl Default for AgentConfig {
+    fn default() -> Self {
+        AgentConfig {
+            name: host_name(),
+            listen: default_agent_listen(),
+            tgt: TgtConfig::default(),
+            chap_key_file: None,
+            pools: Vec::new(),
+        }
+    }
+}
+
+impl AgentConfig {
+    /// Rejects impossible values, naming the key.
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        if self.name.is_empty() {
+            return Err(invalid(format!("{prefix}name"), "must not be empty"));
+        }
+        let mut names = BTreeSet::new();
+        for (i, p) in self.pools.iter().enumerate() {
+            let key = |k: &str| format!("{prefix}pools[{i}].{k}");
+            if !valid_name(&p.name) {
+                return Err(invalid(
+                    key("name"),
+                    "use 1-64 characters of [A-Za-z0-9_.-]",
+                ));
+            }
+            if !names.insert(&p.name) {
+                return Err(invalid(key("name"), format!("duplicate pool {:?}", p.name)));
+            }
+            if p.reserved_percentage > 100 {
+                return Err(invalid(
+                    key("reserved_percentage"),
+                    "must be between 0 and 100",
+                ));
+            }
+            if !(p.max_over_subscription_ratio >= 1.0) {
+                return Err(invalid(
+                    key("max_over_subscription_ratio"),
+                    "must be at least 1.0",
+                ));
+            }
+            if !(1..=100).contains(&p.snapshot_cow_percent) {
+                return Err(invalid(
+                    key("snapshot_cow_percent"),
+                    "must be between 1 and 100",
+                ));
+            }
+            if p.zone.is_empty() {
+                return Err(invalid(key("zone"), "must not be empty"));
+            }
+            match p.kind {
+                PoolKindConfig::File => {
+                    if p.path.is_none() {
+                        return Err(invalid(key("path"), "a file pool needs a directory"));
+                    }
+                }
+                PoolKindConfig::LvmThick | PoolKindConfig::LvmThin => {
+                    if p.vg.as_deref().map_or(true, |v| !valid_name(v)) {
+                        return Err(invalid(key("vg"), "an LVM pool needs a volume group name"));
+                    }
+                    if p.kind == PoolKindConfig::LvmThin
+                        && p.thin_pool.as_deref().map_or(true, |v| !valid_name(v))
+                    {
+                        return Err(invalid(
+                            key("thin_pool"),
+                            "an lvm-thin pool needs a thin pool LV name",
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Names of pools, VGs and LVs: 1-64 characters of `[A-Za-z0-9_.-]`, not starting with `-`.
+pub fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && !s.starts_with('-')
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+}
+
+// ---------------------------------------------------------------------------------------
+// Node
+
+/// `cinderblock node`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// CSI endpoint (Identity + Node).
+    pub endpoint: Endpoint,
+    /// This node's name (default: the host name).
+    pub node_name: String,
+    /// Availability zone of this node.
+    pub zone: String,
+    /// Where the initiator IQN is read from.
+    pub initiator_name_file: PathBuf,
+    /// Prefix for host commands, e.g. `["nsenter", "--mount=/proc/1/ns/mnt", "--"]`.
+    pub exec_prefix: Vec<String>,
+    /// Most volumes attachable to this node (reported by NodeGetInfo).
+    pub max_volumes_per_node: u32,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        NodeConfig {
+            endpoint: default_csi_endpoint(),
+            node_name: host_name(),
+            zone: default_zone(),
+            initiator_name_file: PathBuf::from("/etc/iscsi/initiatorname.iscsi"),
+            exec_prefix: Vec::new(),
+            max_volumes_per_node: 64,
+        }
+    }
+}
+
+impl NodeConfig {
+    /// Rejects impossible values, naming the key.
+    pub fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        if self.node_name.is_empty() {
+            return Err(invalid(format!("{prefix}node_name"), "must not be empty"));
+        }
+        if self.zone.is_empty() {
+            return Err(invalid(format!("{prefix}zone"), "must not be empty"));
+        }
+        if self.max_volumes_per_node == 0 {
+            return Err(invalid(
+                format!("{prefix}max_volumes_per_node"),
+                "must be at least 1",
+            ));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// All in one
+
+/// `cinderblock all`: controller, agent and node in one process on one host.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AllConfig {
+    /// CSI endpoint serving Identity, Controller and Node.
+    pub endpoint: Option<Endpoint>,
+    /// Controller section (its `endpoint` is ignored: `endpoint` above is used).
+    pub controller: ControllerConfig,
+    /// Agent section.
+    pub agent: AgentConfig,
+    /// Node section (its `endpoint` is ignored).
+    pub node: NodeConfig,
+}
+
+impl AllConfig {
+    /// Validates every section.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.controller.validate("controller.")?;
+        self.agent.validate("agent.")?;
+        self.node.validate("node.")
+    }
+}
+
+/// The host name from the kernel, or `localhost`.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, ConfigError> {
+        parse(Path::new("t.toml"), text)
+    }
+
+    #[test]
+    fn unknown_key_names_key_and_line() {
+        let err = parse_str::<AgentConfig>("name = \"a\"\nbogus_key = 1\n").unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("t.toml:2: unknown field `bogus_key`"),
+            "{msg}"
+        );
+        assert!(!msg.contains('\n'), "one line: {msg}");
+    }
+
+    #[test]
+    fn nested_unknown_key() {
+        let text =
+            "[[pools]]\nname = \"p\"\nkind = \"file\"\npath = \"/x\"\nreserverd_percentage = 5\n";
+        let msg = parse_str::<AgentConfig>(text).unwrap_err().to_string();
+        assert!(
+            msg.starts_with("t.toml:5: unknown field `reserverd_percentage`"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn bad_endpoint_value() {
+        let msg = parse_str::<NodeConfig>("endpoint = \"http://x\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("t.toml:1: invalid endpoint"), "{msg}");
+    }
+
+    #[test]
+    fn impossible_values_name_the_key() {
+        let base = "[[pools]]\nname = \"p\"\nkind = \"file\"\npath = \"/x\"\n";
+        let cases = [
+            ("reserved_percentage = 150", "pools[0].reserved_percentage"),
+            (
+                "max_over_subscription_ratio = 0.5",
+                "pools[0].max_over_subscription_ratio",
+            ),
+            ("snapshot_cow_percent = 0", "pools[0].snapshot_cow_percent"),
+            ("zone = \"\"", "pools[0].zone"),
+        ];
+        for (line, key) in cases {
+            let cfg: AgentConfig = parse_str(&format!("{base}{line}\n")).unwrap();
+            match cfg.validate("") {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{line}"),
+                other => panic!("{line}: {other:?}"),
+            }
+        }
+        let cfg: AgentConfig =
+            parse_str("[[pools]]\nname = \"p\"\nkind = \"lvm-thin\"\nvg = \"vg0\"\n").unwrap();
+        match cfg.validate("agent.") {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "agent.pools[0].thin_pool"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        AllConfig::default().validate().unwrap();
+        let ctl = ControllerConfig::default();
+        assert_eq!(ctl.default_volume_type, "default");
+    }
+
+    #[test]
+    fn missing_default_type_rejected() {
+        let cfg: ControllerConfig = parse_str("default_volume_type = \"gold\"\n").unwrap();
+        match cfg.validate("") {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "default_volume_type"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn names() {
+        for ok in ["pool1", "a.b_c-d", "X"] {
+            assert!(valid_name(ok), "{ok}");
+        }
+        for bad in ["", "-x", "a b", "a;b", "a/b", &"x".repeat(65)] {
+            assert!(!valid_name(bad), "{bad}");
+        }
+    }
+}

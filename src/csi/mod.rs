@@ -1,0 +1,12 @@
+//! CSI transport: thin tonic handlers that parse requests into domain types, call the domain
+//! and map its errors to gRPC codes in one place.
+
+pub mod controller;
+pub mod identity;
+pub mod status;
+
+/// The CSI driver name (`GetPluginInfo`, CSIDriver object, PV `spec.csi.driver`).
+pub const DRIVER_NAME: &str = "csi.cinderblock.dev";
+
+/// The topology key carrying a volume's or node's availability zone.
+pub const TOPOLOGY_ZONE_KEY: &str = "topology.cinderblock.dev/zone";

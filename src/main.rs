@@ -1,0 +1,105 @@
+//! `cinderblock`: argument parsing and start-up only; everything else is in the library.
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio_util::sync::CancellationToken;
+
+use cinderblock::cli::{Cli, Command};
+use cinderblock::config::{self, AgentConfig, AllConfig, ControllerConfig, NodeConfig};
+use cinderblock::{logging, ops, roles, transport};
+
+/// Exit code for a configuration rejected at start.
+const EXIT_CONFIG: u8 = 2;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    logging::init(cli.log_format, &cli.log_level);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let is_config = e.chain().any(|c| c.is::<config::ConfigError>());
+            eprintln!("cinderblock: error: {}", chain_line(&e));
+            if is_config {
+                ExitCode::from(EXIT_CONFIG)
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn chain_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let shutdown = CancellationToken::new();
+    match cli.command {
+        Command::Controller(args) => {
+            let mut cfg: ControllerConfig = config::load(args.config.config.as_deref())?;
+            if let Some(e) = args.endpoint {
+                cfg.endpoint = e;
+            }
+            cfg.agents
+                .extend(cinderblock::cli::parse_agent_flags(&args.agents)?);
+            cfg.validate("")?;
+            runtime()?.block_on(async {
+                transport::cancel_on_signals(shutdown.clone());
+                roles::run_controller(cfg, shutdown).await
+            })?;
+        }
+        Command::Node(args) => {
+            let mut cfg: NodeConfig = config::load(args.config.config.as_deref())?;
+            if let Some(e) = args.endpoint {
+                cfg.endpoint = e;
+            }
+            args.node.apply(&mut cfg);
+            cfg.validate("")?;
+            runtime()?.block_on(async {
+                transport::cancel_on_signals(shutdown.clone());
+                roles::run_node(cfg, shutdown).await
+            })?;
+        }
+        Command::Agent(args) => {
+            let mut cfg: AgentConfig = config::load(args.config.config.as_deref())?;
+            args.agent.apply(&mut cfg);
+            cfg.validate("")?;
+            runtime()?.block_on(async {
+                transport::cancel_on_signals(shutdown.clone());
+                roles::run_agent(cfg, shutdown).await
+            })?;
+        }
+        Command::All(args) => {
+            let mut cfg: AllConfig = config::load(args.config.config.as_deref())?;
+            if let Some(e) = args.endpoint {
+                cfg.endpoint = Some(e);
+            }
+            args.agent.apply(&mut cfg.agent);
+            args.node.apply(&mut cfg.node);
+            cfg.validate()?;
+            runtime()?.block_on(async {
+                transport::cancel_on_signals(shutdown.clone());
+                roles::run_all(cfg, args.without_node, shutdown).await
+            })?;
+        }
+        Command::Identity(args) => {
+            let report = runtime()?.block_on(ops::identity(&args))?;
+            ops::print_identity(&report, args.output);
+        }
+        Command::AgentCtl(args) => runtime()?.block_on(ops::agent::run(args))?,
+    }
+    Ok(())
+}

@@ -1,0 +1,477 @@
+//! `cinderblock agent-ctl`: operator commands addressed to one storage agent directly
+//! (maintenance of a storage node, and the host demo before the controller is involved).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+use serde_json::json;
+
+use super::OpsError;
+use crate::cli::OutputFormat;
+use crate::proto::agent as pb;
+use crate::proto::agent::agent_client::AgentClient;
+use crate::transport::{self, Endpoint};
+use crate::types::Bytes;
+
+/// `cinderblock agent-ctl`.
+#[derive(Debug, Args)]
+pub struct AgentCtlArgs {
+    /// The agent's endpoint.
+    #[arg(long, env = "CINDERBLOCK_AGENT", value_name = "ENDPOINT")]
+    pub agent: Endpoint,
+    /// Output format.
+    #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table, global = true)]
+    pub output: OutputFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: AgentCtl,
+}
+
+/// Agent operations.
+#[derive(Debug, Subcommand)]
+pub enum AgentCtl {
+    /// The agent's name, version and readiness.
+    Info,
+    /// Pools with capacity (Cinder's get-pools).
+    Pools,
+    /// Volumes (of one pool with --pool).
+    Volumes {
+        /// Only this pool.
+        #[arg(long)]
+        pool: Option<String>,
+    },
+    /// Create a volume.
+    Create {
+        /// Volume id ([a-z0-9-], chosen by you).
+        id: String,
+        /// Pool name.
+        #[arg(long)]
+        pool: String,
+        /// Size (bytes, or with a unit: 512Mi, 1G, 10GiB).
+        #[arg(long)]
+        size: Bytes,
+        /// Volume type.
+        #[arg(long, default_value = "default")]
+        r#type: String,
+        /// Create from this snapshot.
+        #[arg(long, conflicts_with = "from_volume")]
+        from_snapshot: Option<String>,
+        /// Create as a clone of this volume.
+        #[arg(long)]
+        from_volume: Option<String>,
+    },
+    /// Delete a volume.
+    Delete {
+        /// Volume id.
+        id: String,
+    },
+    /// Grow a volume.
+    Extend {
+        /// Volume id.
+        id: String,
+        /// New size.
+        #[arg(long)]
+        size: Bytes,
+    },
+    /// Snapshot a volume.
+    Snapshot {
+        /// Volume id.
+        volume: String,
+        /// Snapshot id.
+        #[arg(long)]
+        id: String,
+    },
+    /// Snapshots (of one volume with --volume).
+    Snapshots {
+        /// Only snapshots of this volume.
+        #[arg(long)]
+        volume: Option<String>,
+    },
+    /// Delete a snapshot.
+    DeleteSnapshot {
+        /// Snapshot id.
+        id: String,
+    },
+    /// Export a volume to an initiator (prints target, portals, LUN and CHAP user).
+    Export {
+        /// Volume id.
+        id: String,
+        /// Initiator IQN allowed to log in.
+        #[arg(long)]
+        initiator: String,
+        /// Also write the CHAP secret to this file (mode 0600); it is never printed.
+        #[arg(long, value_name = "FILE")]
+        secret_file: Option<PathBuf>,
+    },
+    /// Remove an initiator (or every initiator) from a volume's export.
+    Unexport {
+        /// Volume id.
+        id: String,
+        /// Only this initiator.
+        #[arg(long)]
+        initiator: Option<String>,
+    },
+}
+
+fn rpc(name: &'static str) -> impl Fn(tonic::Status) -> OpsError {
+    move |s| OpsError::Rpc {
+        rpc: name,
+        code: s.code(),
+        message: s.message().to_owned(),
+    }
+}
+
+fn cap_text(c: &Option<pb::Capacity>) -> String {
+    match c.as_ref().and_then(|c| c.value.as_ref()) {
+        Some(pb::capacity::Value::Bytes(b)) => Bytes(*b).to_string(),
+        Some(pb::capacity::Value::Infinite(_)) => "infinite".into(),
+        _ => "unknown".into(),
+    }
+}
+
+fn status_text(s: i32) -> String {
+    pb::VolumeStatus::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("VOLUME_STATUS_")
+                .to_lowercase()
+                .replace('_', "-")
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn volume_json(v: &pb::Volume) -> serde_json::Value {
+    json!({
+        "id": v.id, "pool": v.pool, "size_bytes": v.size_bytes, "status": status_text(v.status),
+        "type": v.volume_type, "exported_to": v.exported_to, "snapshots": v.snapshot_count,
+        "allocated_bytes": v.allocated_bytes,
+        "source": match &v.source {
+            Some(pb::volume::Source::SourceSnapshotId(s)) => format!("snapshot:{s}"),
+            Some(pb::volume::Source::SourceVolumeId(s)) => format!("volume:{s}"),
+            None => String::new(),
+        },
+    })
+}
+
+fn snapshot_json(s: &pb::Snapshot) -> serde_json::Value {
+    json!({"id": s.id, "volume": s.source_volume_id, "pool": s.pool, "size_bytes": s.size_bytes, "ready": s.ready_to_use})
+}
+
+/// Prints rows as an aligned table (first row = header) or the JSON value.
+fn emit(format: OutputFormat, value: serde_json::Value, rows: Vec<Vec<String>>) {
+    match format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        ),
+        OutputFormat::Table => {
+            let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+            let widths: Vec<usize> = (0..cols)
+                .map(|i| {
+                    rows.iter()
+                        .map(|r| r.get(i).map_or(0, String::len))
+                        .max()
+                        .unwrap_or(0)
+                })
+                .collect();
+            for r in rows {
+                let line: Vec<String> = r
+                    .iter()
+                    .enumerate()
+                    .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+                    .collect();
+                println!("{}", line.join("  ").trim_end());
+            }
+        }
+    }
+}
+
+fn volume_rows(vols: &[pb::Volume]) -> Vec<Vec<String>> {
+    let mut rows = vec![[
+        "ID",
+        "POOL",
+        "SIZE",
+        "STATUS",
+        "TYPE",
+        "SNAPSHOTS",
+        "EXPORTED TO",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for v in vols {
+        rows.push(vec![
+            v.id.clone(),
+            v.pool.clone(),
+            Bytes(v.size_bytes).to_string(),
+            status_text(v.status),
+            v.volume_type.clone(),
+            v.snapshot_count.to_string(),
+            v.exported_to.join(","),
+        ]);
+    }
+    rows
+}
+
+/// Runs one agent operation and prints its answer.
+pub async fn run(args: AgentCtlArgs) -> Result<(), OpsError> {
+    let mut c = AgentClient::new(transport::connect(&args.agent, false).await?);
+    let out = args.output;
+    match args.command {
+        AgentCtl::Info => {
+            let i = c
+                .get_info(pb::GetInfoRequest {})
+                .await
+                .map_err(rpc("GetInfo"))?
+                .into_inner();
+            let v = json!({"name": i.name, "version": i.version, "ready": i.ready, "reason": i.not_ready_reason, "pools": i.pools});
+            let rows = vec![
+                vec!["name".into(), i.name],
+                vec!["version".into(), i.version],
+                vec!["ready".into(), i.ready.to_string()],
+                vec!["reason".into(), i.not_ready_reason],
+                vec!["pools".into(), i.pools.join(",")],
+            ];
+            emit(out, v, rows);
+        }
+        AgentCtl::Pools => {
+            let r = c
+                .list_pools(pb::ListPoolsRequest {})
+                .await
+                .map_err(rpc("ListPools"))?
+                .into_inner();
+            let mut rows = vec![[
+                "POOL",
+                "KIND",
+                "ZONE",
+                "TOTAL",
+                "FREE",
+                "PROVISIONED",
+                "VOLUMES",
+                "SNAPSHOTS",
+                "HEALTHY",
+            ]
+            .map(String::from)
+            .to_vec()];
+            let mut js = Vec::new();
+            for p in &r.pools {
+                let kind = pb::PoolKind::try_from(p.kind)
+                    .map(|k| {
+                        k.as_str_name()
+                            .trim_start_matches("POOL_KIND_")
+                            .to_lowercase()
+                            .replace('_', "-")
+                    })
+                    .unwrap_or_default();
+                rows.push(vec![
+                    p.name.clone(),
+                    kind.clone(),
+                    p.zone.clone(),
+                    cap_text(&p.total),
+                    cap_text(&p.free),
+                    Bytes(p.provisioned_bytes).to_string(),
+                    p.volume_count.to_string(),
+                    p.snapshot_count.to_string(),
+                    if p.healthy {
+                        "yes".into()
+                    } else {
+                        format!("no: {}", p.unhealthy_reason)
+                    },
+                ]);
+                js.push(json!({"name": p.name, "kind": kind, "zone": p.zone, "total": cap_text(&p.total),
+                    "free": cap_text(&p.free), "provisioned_bytes": p.provisioned_bytes, "allocated_bytes": p.allocated_bytes,
+                    "volumes": p.volume_count, "snapshots": p.snapshot_count, "healthy": p.healthy,
+                    "capabilities": p.capabilities.iter().collect::<BTreeMap<_, _>>(), "portals": p.portals}));
+            }
+            emit(out, json!(js), rows);
+        }
+        AgentCtl::Volumes { pool } => {
+            let r = c
+                .list_volumes(pb::ListVolumesRequest {
+                    pool: pool.unwrap_or_default(),
+                })
+                .await
+                .map_err(rpc("ListVolumes"))?
+                .into_inner();
+            emit(
+                out,
+                json!(r.volumes.iter().map(volume_json).collect::<Vec<_>>()),
+                volume_rows(&r.volumes),
+            );
+        }
+        AgentCtl::Create {
+            id,
+            pool,
+            size,
+            r#type,
+            from_snapshot,
+            from_volume,
+        } => {
+            use pb::create_volume_request::Source;
+            let source = from_snapshot
+                .map(Source::SourceSnapshotId)
+                .or(from_volume.map(Source::SourceVolumeId));
+            let v = c
+                .create_volume(pb::CreateVolumeRequest {
+                    volume_id: id,
+                    pool,
+                    size_bytes: size.0,
+                    volume_type: r#type,
+                    metadata: Default::default(),
+                    source,
+                })
+                .await
+                .map_err(rpc("CreateVolume"))?
+                .into_inner();
+            emit(out, volume_json(&v), volume_rows(std::slice::from_ref(&v)));
+        }
+        AgentCtl::Delete { id } => {
+            c.delete_volume(pb::DeleteVolumeRequest {
+                volume_id: id.clone(),
+            })
+            .await
+            .map_err(rpc("DeleteVolume"))?;
+            emit(
+                out,
+                json!({"deleted": id}),
+                vec![vec![format!("deleted volume {id}")]],
+            );
+        }
+        AgentCtl::Extend { id, size } => {
+            let v = c
+                .extend_volume(pb::ExtendVolumeRequest {
+                    volume_id: id,
+                    new_size_bytes: size.0,
+                })
+                .await
+                .map_err(rpc("ExtendVolume"))?
+                .into_inner();
+            emit(out, volume_json(&v), volume_rows(std::slice::from_ref(&v)));
+        }
+        AgentCtl::Snapshot { volume, id } => {
+            let s = c
+                .create_snapshot(pb::CreateSnapshotRequest {
+                    snapshot_id: id,
+                    source_volume_id: volume,
+                    metadata: Default::default(),
+                })
+                .await
+                .map_err(rpc("CreateSnapshot"))?
+                .into_inner();
+            let rows = vec![
+                vec!["ID".into(), "VOLUME".into(), "SIZE".into()],
+                vec![
+                    s.id.clone(),
+                    s.source_volume_id.clone(),
+                    Bytes(s.size_bytes).to_string(),
+                ],
+            ];
+            emit(out, snapshot_json(&s), rows);
+        }
+        AgentCtl::Snapshots { volume } => {
+            let r = c
+                .list_snapshots(pb::ListSnapshotsRequest {
+                    source_volume_id: volume.unwrap_or_default(),
+                })
+                .await
+                .map_err(rpc("ListSnapshots"))?
+                .into_inner();
+            let mut rows = vec![vec![
+                "ID".into(),
+                "VOLUME".into(),
+                "POOL".into(),
+                "SIZE".into(),
+            ]];
+            for s in &r.snapshots {
+                rows.push(vec![
+                    s.id.clone(),
+                    s.source_volume_id.clone(),
+                    s.pool.clone(),
+                    Bytes(s.size_bytes).to_string(),
+                ]);
+            }
+            emit(
+                out,
+                json!(r.snapshots.iter().map(snapshot_json).collect::<Vec<_>>()),
+                rows,
+            );
+        }
+        AgentCtl::DeleteSnapshot { id } => {
+            c.delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot_id: id.clone(),
+            })
+            .await
+            .map_err(rpc("DeleteSnapshot"))?;
+            emit(
+                out,
+                json!({"deleted": id}),
+                vec![vec![format!("deleted snapshot {id}")]],
+            );
+        }
+        AgentCtl::Export {
+            id,
+            initiator,
+            secret_file,
+        } => {
+            let e = c
+                .export_volume(pb::ExportVolumeRequest {
+                    volume_id: id,
+                    initiator_iqn: initiator,
+                    host: String::new(),
+                })
+                .await
+                .map_err(rpc("ExportVolume"))?
+                .into_inner();
+            if let Some(f) = &secret_file {
+                write_secret(f, &e.chap_secret)?;
+            }
+            let v = json!({"target_iqn": e.target_iqn, "portals": e.portals, "lun": e.lun, "chap_username": e.chap_username});
+            let rows = vec![
+                vec!["target".into(), e.target_iqn],
+                vec!["portals".into(), e.portals.join(",")],
+                vec!["lun".into(), e.lun.to_string()],
+                vec!["chap user".into(), e.chap_username],
+                vec![
+                    "chap secret".into(),
+                    secret_file.map_or("(not shown; use --secret-file)".into(), |f| {
+                        format!("in {}", f.display())
+                    }),
+                ],
+            ];
+            emit(out, v, rows);
+        }
+        AgentCtl::Unexport { id, initiator } => {
+            c.unexport_volume(pb::UnexportVolumeRequest {
+                volume_id: id.clone(),
+                initiator_iqn: initiator.unwrap_or_default(),
+            })
+            .await
+            .map_err(rpc("UnexportVolume"))?;
+            emit(
+                out,
+                json!({"unexported": id}),
+                vec![vec![format!("unexported volume {id}")]],
+            );
+        }
+    }
+    Ok(())
+}
+
+fn write_secret(path: &std::path::Path, secret: &str) -> Result<(), OpsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| OpsError::Io {
+            path: path.to_owned(),
+            source: e,
+        })?;
+    f.write_all(secret.as_bytes()).map_err(|e| OpsError::Io {
+        path: path.to_owned(),
+        source: e,
+    })
+}

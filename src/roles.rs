@@ -1,0 +1,276 @@
+//! Starting each role: build its services from configuration, serve them until shutdown.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::agent::chap::ChapKey;
+use crate::agent::service::AgentService;
+use crate::agent_rpc::client::{GrpcAgent, StorageAgent};
+use crate::agent_rpc::server::AgentApi;
+use crate::config::{AgentConfig, AgentRef, AllConfig, ControllerConfig, NodeConfig};
+use crate::controller::{Controller, ControllerError, Settings};
+use crate::csi::controller::ControllerService;
+use crate::csi::identity::{IdentityService, Services};
+use crate::exec::Runner;
+use crate::health::{self, Dependency, HealthError, Readiness};
+use crate::proto::agent::agent_server::AgentServer;
+use crate::proto::csi::controller_server::ControllerServer;
+use crate::proto::csi::identity_client::IdentityClient;
+use crate::proto::csi::identity_server::IdentityServer;
+use crate::proto::csi::ProbeRequest;
+use crate::transport::{self, Endpoint, TransportError};
+
+/// Errors that stop a role.
+#[derive(Debug, thiserror::Error)]
+pub enum RoleError {
+    /// Listening or serving failed.
+    #[error(transparent)]
+    Transport(#[from] TransportError),
+    /// The agent could not be built from its configuration.
+    #[error("agent setup failed")]
+    Agent(#[from] crate::agent::AgentError),
+    /// The CHAP key file is unusable.
+    #[error("CHAP key file {path}: {reason}")]
+    ChapKey {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A role task panicked or was aborted.
+    #[error("a role task ended abnormally")]
+    Join(#[from] tokio::task::JoinError),
+    /// The controller's configuration is unusable (scheduler, volume types).
+    #[error("controller configuration")]
+    Controller(#[from] ControllerError),
+}
+
+/// At least one configured storage agent answers its Identity `Probe` with ready.
+#[derive(Debug)]
+pub struct AgentsReachable {
+    agents: Vec<(AgentRef, tonic::transport::Channel)>,
+}
+
+impl AgentsReachable {
+    /// Lazily connected channels to every agent (they may start after the controller).
+    pub async fn new(agents: &[AgentRef]) -> Result<Self, TransportError> {
+        let mut out = Vec::with_capacity(agents.len());
+        for a in agents {
+            out.push((a.clone(), transport::connect(&a.endpoint, true).await?));
+        }
+        Ok(AgentsReachable { agents: out })
+    }
+}
+
+#[tonic::async_trait]
+impl Dependency for AgentsReachable {
+    async fn check(&self) -> Result<(), HealthError> {
+        let mut reasons = Vec::new();
+        for (agent, channel) in &self.agents {
+            let mut client = IdentityClient::new(channel.clone());
+            let mut req = tonic::Request::new(ProbeRequest {});
+            req.set_timeout(Duration::from_secs(3));
+            match client.probe(req).await {
+                Ok(r) if r.get_ref().ready == Some(true) => return Ok(()),
+                Ok(_) => reasons.push(format!("{}: not ready", agent.name)),
+                Err(s) => reasons.push(format!("{}: {}", agent.name, s.message())),
+            }
+        }
+        if reasons.is_empty() {
+            reasons.push("none configured".into());
+        }
+        Err(HealthError::NoAgent(reasons.join("; ")))
+    }
+}
+
+fn identity(services: Services, readiness: Readiness) -> IdentityServer<IdentityService> {
+    IdentityServer::new(IdentityService::new(services, readiness))
+}
+
+/// `cinderblock controller`.
+pub async fn run_controller(
+    cfg: ControllerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), RoleError> {
+    let readiness = Readiness::default().with(Arc::new(AgentsReachable::new(&cfg.agents).await?));
+    let services = Services {
+        controller: true,
+        node: false,
+    };
+    tracing::info!(endpoint = %cfg.endpoint, agents = cfg.agents.len(), "controller serving");
+    let controller = controller_service(&cfg, shutdown.clone()).await?;
+    let router = Server::builder()
+        .add_service(identity(services, readiness))
+        .add_service(controller);
+    transport::serve(router, &cfg.endpoint, shutdown).await?;
+    Ok(())
+}
+
+/// The CSI Controller service over a [`Controller`] reaching every configured agent, with the
+/// task that lists the agents and refreshes pool statistics (first at once, then every
+/// `stats_interval_secs`) until `shutdown`.
+async fn controller_service(
+    cfg: &ControllerConfig,
+    shutdown: CancellationToken,
+) -> Result<ControllerServer<ControllerService>, RoleError> {
+    let mut agents: Vec<Arc<dyn StorageAgent>> = Vec::with_capacity(cfg.agents.len());
+    for a in &cfg.agents {
+        agents.push(Arc::new(GrpcAgent::connect(&a.name, &a.endpoint).await?));
+    }
+    let controller = Arc::new(Controller::new(Settings::from_config(cfg), agents)?);
+    let interval = Duration::from_secs(cfg.stats_interval_secs.max(1));
+    tokio::spawn(controller.clone().run_refresh(interval, shutdown));
+    Ok(ControllerServer::new(ControllerService::new(controller)))
+}
+
+/// `cinderblock node`.
+pub async fn run_node(cfg: NodeConfig, shutdown: CancellationToken) -> Result<(), RoleError> {
+    let readiness = Readiness::default().with(Arc::new(health::Iscsid));
+    let services = Services {
+        controller: false,
+        node: true,
+    };
+    tracing::info!(endpoint = %cfg.endpoint, node = %cfg.node_name, zone = %cfg.zone, "node serving");
+    let router = Server::builder().add_service(identity(services, readiness));
+    transport::serve(router, &cfg.endpoint, shutdown).await?;
+    Ok(())
+}
+
+/// The agent is ready when tgtd answers and every pool can be read.
+#[derive(Debug)]
+struct AgentReady(Arc<AgentService>);
+
+#[tonic::async_trait]
+impl Dependency for AgentReady {
+    async fn check(&self) -> Result<(), HealthError> {
+        self.0
+            .ready()
+            .await
+            .map_err(|e| HealthError::Agent(e.to_string()))
+    }
+}
+
+/// How often the agent reconciles tgtd's targets with the volumes' records.
+const RECONCILE_EVERY: Duration = Duration::from_secs(10);
+
+fn chap_key(cfg: &AgentConfig) -> Result<ChapKey, RoleError> {
+    let Some(path) = &cfg.chap_key_file else {
+        tracing::warn!(
+            "no chap_key_file: CHAP secrets derive from a random key and change when the agent restarts"
+        );
+        return Ok(ChapKey::random());
+    };
+    match ChapKey::from_file(path) {
+        Ok(Some(k)) => Ok(k),
+        Ok(None) => Err(RoleError::ChapKey {
+            path: path.clone(),
+            reason: "shorter than 16 bytes".into(),
+        }),
+        Err(e) => Err(RoleError::ChapKey {
+            path: path.clone(),
+            reason: e.to_string(),
+        }),
+    }
+}
+
+/// `cinderblock agent`: the agent API and an Identity service (Probe = tgtd answering and
+/// every pool readable). Pools are opened and exports reconciled before serving.
+pub async fn run_agent(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), RoleError> {
+    let agent = Arc::new(AgentService::new(&cfg, Runner::default(), chap_key(&cfg)?)?);
+    if let Err(e) = agent.start().await {
+        // tgtd may come up later: serve anyway (Probe says not ready) and let the
+        // reconciliation loop catch up.
+        tracing::warn!(error = %e, "initial reconciliation failed; retrying in the background");
+    }
+    let reconciler = tokio::spawn(
+        agent
+            .clone()
+            .reconcile_loop(RECONCILE_EVERY, shutdown.clone()),
+    );
+    let readiness = Readiness::default().with(Arc::new(AgentReady(agent.clone())));
+    tracing::info!(listen = %cfg.listen, agent = %cfg.name, pools = cfg.pools.len(), "agent serving");
+    let router = Server::builder()
+        .add_service(identity(Services::default(), readiness))
+        .add_service(AgentServer::new(AgentApi::new(agent)).max_decoding_message_size(64 << 20));
+    let served = transport::serve(router, &cfg.listen, shutdown.clone()).await;
+    shutdown.cancel();
+    reconciler.await?;
+    served?;
+    Ok(())
+}
+
+/// `cinderblock all`: agent on its own listener, controller (and node) on the CSI endpoint.
+pub async fn run_all(
+    mut cfg: AllConfig,
+    without_node: bool,
+    shutdown: CancellationToken,
+) -> Result<(), RoleError> {
+    let endpoint = cfg
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| cfg.controller.endpoint.clone());
+    if cfg.controller.agents.is_empty() {
+        cfg.controller.agents.push(AgentRef {
+            name: cfg.agent.name.clone(),
+            endpoint: local_dial(&cfg.agent.listen),
+        });
+    }
+    let agent = tokio::spawn(run_agent(cfg.agent.clone(), shutdown.clone()));
+
+    let mut readiness = Readiness::default()
+        .with(Arc::new(
+            AgentsReachable::new(&cfg.controller.agents).await?,
+        ))
+        .with(Arc::new(health::Tgtd::new(
+            Runner::default(),
+            cfg.agent.tgt.control_port,
+        )));
+    if !without_node {
+        readiness = readiness.with(Arc::new(health::Iscsid));
+    }
+    let services = Services {
+        controller: true,
+        node: !without_node,
+    };
+    tracing::info!(%endpoint, node = !without_node, "all-in-one serving");
+    let controller = controller_service(&cfg.controller, shutdown.clone()).await?;
+    let router = Server::builder()
+        .add_service(identity(services, readiness))
+        .add_service(controller);
+    let csi = transport::serve(router, &endpoint, shutdown.clone()).await;
+    shutdown.cancel();
+    agent.await??;
+    csi?;
+    Ok(())
+}
+
+/// The address a local client dials to reach a listener (0.0.0.0 becomes 127.0.0.1).
+fn local_dial(listen: &Endpoint) -> Endpoint {
+    match listen {
+        Endpoint::Tcp(a) => match a.strip_prefix("0.0.0.0:") {
+            Some(port) => Endpoint::Tcp(format!("127.0.0.1:{port}")),
+            None => Endpoint::Tcp(a.clone()),
+        },
+        other => other.clone(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_dial_table() {
+        let cases = [
+            ("tcp://0.0.0.0:9700", "tcp://127.0.0.1:9700"),
+            ("tcp://10.1.2.3:9700", "tcp://10.1.2.3:9700"),
+            ("unix:///run/a.sock", "unix:///run/a.sock"),
+        ];
+        for (input, want) in cases {
+            assert_eq!(local_dial(&input.parse().unwrap()).to_string(), want);
+        }
+    }
+}

@@ -1,0 +1,74 @@
+//! Support shared by the integration tests. Each test crate uses a part of it.
+#![allow(dead_code)]
+
+pub mod tgtd;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+/// Where the e2e harness keeps its cache (`tests/e2e/lib.sh` decides the same way).
+pub fn cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CINDERBLOCK_CACHE") {
+        return PathBuf::from(dir);
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| Path::new(&h).join(".cache")))
+        .expect("neither XDG_CACHE_HOME nor HOME is set");
+    base.join("cinderblock")
+}
+
+/// The full path of `tool` on PATH, or a panic that names the Debian package to install.
+/// A test that needs a missing tool fails; it never passes silently.
+pub fn require_tool(tool: &str, package: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(tool))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "`{tool}` is not installed: apt-get install {package} \
+                 (tests/e2e/host-deps.sh test installs everything these tests need)"
+            )
+        })
+}
+
+/// qemu 7.2 from bookworm as `tests/e2e/host-deps.sh` unpacks it (with its iSCSI block
+/// driver, which the machine's own qemu-utils 10 lacks). Returns a command for `tool`
+/// (`qemu-io`, `qemu-img`) with `QEMU_MODULE_DIR` set, or panics saying how to get it.
+pub fn qemu_tool(tool: &str) -> Command {
+    let root = std::env::var_os("CINDERBLOCK_QEMU_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("qemu"));
+    let bin = root.join("usr/bin").join(tool);
+    let modules = root.join("usr/lib/x86_64-linux-gnu/qemu");
+    assert!(
+        bin.is_file() && modules.join("block-iscsi.so").is_file(),
+        "{} or its iSCSI block driver is missing: run tests/e2e/host-deps.sh test",
+        bin.display()
+    );
+    let mut cmd = Command::new(bin);
+    cmd.env("QEMU_MODULE_DIR", modules)
+        .env("LC_ALL", "C")
+        .stdin(Stdio::null());
+    cmd
+}
+
+/// Runs `cmd` and returns its output; panics only if it cannot be started.
+pub fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+/// Runs `cmd`, panics with its stderr unless it exits 0, and returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{cmd:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}

@@ -1,0 +1,57 @@
+#!/bin/bash
+# Runs INSIDE a guest (the share is /mnt/host): start the project's binary in the background
+# the way a node's init system would, and return once its CSI endpoint listens.
+#   start-cinderblock.sh [ARGS...]   e.g. start-cinderblock.sh all --endpoint tcp://0.0.0.0:10000
+# Before starting: the operator's part of a Cinder LVM node, the VG `cinder-volumes` on
+# /dev/vdb (the data disk). Log: /mnt/host/logs/$(hostname)/cinderblock.log (on the host:
+# tests/e2e/.run/share/logs/NAME/cinderblock.log). PID: /run/cinderblock.pid.
+# Waits up to START_TIMEOUT (60 s) for the TCP port of the --endpoint argument.
+set -euo pipefail
+BIN=/mnt/host/bin/cinderblock
+LOG=/mnt/host/logs/$(hostname)/cinderblock.log
+VG=${CINDERBLOCK_E2E_VG:-cinder-volumes}
+[ -x "$BIN" ] || { echo "no $BIN: build it (cargo build --release) and restart the VM" >&2; exit 1; }
+
+if ! vgs "$VG" >/dev/null 2>&1; then
+  pvcreate -q /dev/vdb && vgcreate -q "$VG" /dev/vdb
+fi
+if [ -f /run/cinderblock.pid ] && kill -0 "$(cat /run/cinderblock.pid)" 2>/dev/null; then
+  echo "cinderblock already running, pid $(cat /run/cinderblock.pid)"
+  exit 0
+fi
+
+port=
+prev=
+for a in "$@"; do
+  case $prev$a in
+    --endpointtcp://* | --endpoint=tcp://*) port=${a##*:} ;;
+  esac
+  prev=$a
+done
+
+mkdir -p "$(dirname "$LOG")"
+echo "=== $(date -u +%FT%TZ) $BIN $*" >>"$LOG"
+setsid "$BIN" "$@" >>"$LOG" 2>&1 </dev/null &
+pid=$!
+echo "$pid" >/run/cinderblock.pid
+
+listening() {  # is TCP port $1 in LISTEN state (any address)?
+  awk -v p="$(printf ':%04X' "$1")" 'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == p { f = 1 }
+                                     END { exit !f }' /proc/net/tcp /proc/net/tcp6
+}
+end=$(($(date +%s) + ${START_TIMEOUT:-60}))
+while :; do
+  if ! kill -0 "$pid" 2>/dev/null; then
+    echo "cinderblock exited at start; its log:" >&2
+    tail -30 "$LOG" >&2
+    exit 1
+  fi
+  if [ -z "$port" ] || listening "$port"; then break; fi
+  if [ "$(date +%s)" -ge $end ]; then
+    echo "cinderblock (pid $pid) does not listen on :$port after ${START_TIMEOUT:-60}s; its log:" >&2
+    tail -30 "$LOG" >&2
+    exit 1
+  fi
+  sleep 0.2
+done
+echo "cinderblock pid $pid${port:+ listening on :$port}, log $LOG"

@@ -1,0 +1,75 @@
+# The two topologies the e2e tests use. Sourced (after lib.sh), never run.
+#   two: "stor" (LVM + tgtd) and "comp" (open-iscsi) on a private L2 segment that exists
+#        only inside qemu; the iSCSI login crosses it (portal 192.168.77.1:3260)
+#   one: "one", agent + controller + node together, iSCSI over 127.0.0.1
+# Every guest's CSI port (10000) is forwarded from a free 127.0.0.1 port on the host.
+# topo_boot writes $CB_RUN/env, which the Rust tests read (`source tests/e2e/.run/env`).
+VM=$CB_E2E/vm
+CB_ENV=$CB_RUN/env
+
+topo_vms() {  # TOPOLOGY... -> VM names
+  local t
+  for t in "$@"; do
+    case $t in
+      two) echo stor comp ;;
+      one) echo one ;;
+      all) echo stor comp one ;;
+      *) die "unknown topology $t (two|one|all)" ;;
+    esac
+  done | xargs
+}
+
+# topo_boot VM...: start them all (SMP=1 each: 2 host cores), then wait for all in parallel.
+topo_boot() {
+  local name port l2 pids=() rc=0 p
+  mkdir -p "$CB_RUN"
+  {
+    echo "# written by tests/e2e at $(date -u +%FT%TZ)"
+    echo "export CINDERBLOCK_E2E_VM=$CB_E2E/vm"
+    echo "export CINDERBLOCK_E2E_RUN=$CB_RUN"
+    echo "export CINDERBLOCK_E2E_VMS=\"$*\""
+  } >"$CB_ENV"
+  l2=$(free_port)
+  for name in "$@"; do
+    port=$(free_port)
+    echo "export CINDERBLOCK_E2E_$(tr a-z A-Z <<<"$name")_CSI=127.0.0.1:$port" >>"$CB_ENV"
+    case $name in
+      stor) L2=listen:$l2 IP1=$CB_STOR_IP/24 HOSTFWD="$port:$CB_GUEST_CSI_PORT" "$VM" start stor ;;
+      comp) L2=connect:$l2 IP1=$CB_COMP_IP/24 HOSTFWD="$port:$CB_GUEST_CSI_PORT" "$VM" start comp ;;
+      *) HOSTFWD="$port:$CB_GUEST_CSI_PORT" "$VM" start "$name" ;;
+    esac
+  done
+  for name in "$@"; do "$VM" wait "$name" & pids+=($!); done
+  for p in "${pids[@]}"; do wait "$p" || rc=1; done
+  return $rc
+}
+
+# start_cinderblock VM: `cinderblock all` on the guest's CSI port, log on the share.
+# A config file tests/e2e/guest/cinderblock-VM.toml (else cinderblock.toml), when there is
+# one, is passed with -c; CINDERBLOCK_E2E_ARGS adds words to the command line.
+start_cinderblock() {
+  local name=$1 portal cfg=()
+  case $name in stor) portal=$CB_STOR_IP:3260 ;; comp) portal=$CB_COMP_IP:3260 ;; *) portal=$CB_ONE_IP:3260 ;; esac
+  if [ -f "$CB_E2E/guest/cinderblock-$name.toml" ]; then
+    cfg=(-c "/mnt/host/e2e/cinderblock-$name.toml")
+  elif [ -f "$CB_E2E/guest/cinderblock.toml" ]; then
+    cfg=(-c /mnt/host/e2e/cinderblock.toml)
+  fi
+  # shellcheck disable=SC2086  # CINDERBLOCK_E2E_ARGS is a list of extra words on purpose
+  "$VM" exec "$name" bash /mnt/host/e2e/start-cinderblock.sh all "${cfg[@]}" \
+    --endpoint "tcp://0.0.0.0:$CB_GUEST_CSI_PORT" --portal "$portal" ${CINDERBLOCK_E2E_ARGS:-}
+}
+
+print_endpoints() {
+  local name var
+  # shellcheck disable=SC1090
+  source "$CB_ENV"
+  echo "CSI endpoints (host -> guest :$CB_GUEST_CSI_PORT through qemu hostfwd):"
+  for name in $CINDERBLOCK_E2E_VMS; do
+    var=CINDERBLOCK_E2E_$(tr a-z A-Z <<<"$name")_CSI
+    printf '  %-5s tcp://%s   (%s)\n' "$name" "${!var}" "$var"
+  done
+  echo "Run a command in a guest:  tests/e2e/vm exec NAME 'lsblk; tgtadm --lld iscsi --op show --mode target'"
+  echo "Guest logs:                $CB_SHARE/logs/NAME/ (cinderblock.log), consoles $CB_RUN/vms/NAME/console.log"
+  echo "Rust tests:                source $CB_ENV && cargo test --release --test e2e_vm -- --ignored --test-threads=1"
+}
