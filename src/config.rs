@@ -278,6 +278,9 @@ fn default_cow_percent() -> u32 {
     25
 }
 
+/// Highest control port tgtd and tgtadm accept (`-C`).
+pub const MAX_TGT_CONTROL_PORT: u16 = 32767;
+
 /// tgtd as the agent drives it.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -331,6 +334,12 @@ impl AgentConfig {
         if self.name.is_empty() {
             return Err(invalid(format!("{prefix}name"), "must not be empty"));
         }
+        if self.tgt.control_port > MAX_TGT_CONTROL_PORT {
+            return Err(invalid(
+                format!("{prefix}tgt.control_port"),
+                "tgtadm accepts 0..=32767",
+            ));
+        }
         let mut names = BTreeSet::new();
         for (i, p) in self.pools.iter().enumerate() {
             let key = |k: &str| format!("{prefix}pools[{i}].{k}");
@@ -349,7 +358,7 @@ impl AgentConfig {
                     "must be between 0 and 100",
                 ));
             }
-            if !(p.max_over_subscription_ratio >= 1.0) {
+            if p.max_over_subscription_ratio.is_nan() || p.max_over_subscription_ratio < 1.0 {
                 return Err(invalid(
                     key("max_over_subscription_ratio"),
                     "must be at least 1.0",
@@ -371,11 +380,11 @@ impl AgentConfig {
                     }
                 }
                 PoolKindConfig::LvmThick | PoolKindConfig::LvmThin => {
-                    if p.vg.as_deref().map_or(true, |v| !valid_name(v)) {
+                    if p.vg.as_deref().is_none_or(|v| !valid_name(v)) {
                         return Err(invalid(key("vg"), "an LVM pool needs a volume group name"));
                     }
                     if p.kind == PoolKindConfig::LvmThin
-                        && p.thin_pool.as_deref().map_or(true, |v| !valid_name(v))
+                        && p.thin_pool.as_deref().is_none_or(|v| !valid_name(v))
                     {
                         return Err(invalid(
                             key("thin_pool"),
@@ -556,6 +565,34 @@ mod tests {
         AllConfig::default().validate().unwrap();
         let ctl = ControllerConfig::default();
         assert_eq!(ctl.default_volume_type, "default");
+    }
+
+    #[test]
+    fn controller_scheduler_and_stats_interval() {
+        let cfg: ControllerConfig = parse_str(
+            "stats_interval_secs = 2\n[scheduler]\nmax_attempts = 5\n[[scheduler.weighers]]\nname = \"CapacityWeigher\"\nmultiplier = -1.0\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (
+                cfg.stats_interval_secs,
+                cfg.scheduler.max_attempts,
+                cfg.scheduler.weighers.len()
+            ),
+            (2, 5, 1)
+        );
+        for (text, key) in [
+            ("[scheduler]\nmax_attempts = 0\n", "scheduler"),
+            ("stats_interval_secs = 0\n", "stats_interval_secs"),
+        ] {
+            let cfg: ControllerConfig = parse_str(text).unwrap();
+            match cfg.validate("controller.") {
+                Err(ConfigError::Invalid { key: k, .. }) => {
+                    assert_eq!(k, format!("controller.{key}"))
+                }
+                other => panic!("{text}: {other:?}"),
+            }
+        }
     }
 
     #[test]

@@ -259,3 +259,27 @@ fn parses_target_ids_from_tgtadm_show() {
     assert_eq!(parse_target_ids(show), vec![1, 12]);
     assert_eq!(parse_target_ids(""), Vec::<u32>::new());
 }
+
+#[test]
+fn a_restarted_tgtd_has_forgotten_every_target() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut tgtd, _backing) = exported_lun(dir.path());
+    let (ctl, port) = (tgtd.ctl(), tgtd.port());
+    assert_eq!(tgtd.target_ids(), vec![1]);
+
+    tgtd.kill(); // a crash: no cleanup at all
+    let again = Tgtd::start_on(ctl, port);
+    assert_eq!(
+        (again.ctl(), again.portal()),
+        (ctl, format!("127.0.0.1:{port}"))
+    );
+    assert_eq!(again.target_ids(), Vec::<u32>::new());
+    drop(tgtd); // dropping the dead one must not touch the new daemon
+    assert_eq!(
+        again
+            .tgtadm(&["--op", "show", "--mode", "sys"])
+            .status
+            .code(),
+        Some(0)
+    );
+}

@@ -137,7 +137,7 @@ async fn agent_identity_over_unix_socket_follows_tgtd() {
     assert_eq!(probe_until(&mut c, false).await, Some(false));
 
     assert_eq!(role.terminate(), Some(0), "graceful exit on SIGTERM");
-    assert_eq!(sock.exists(), false, "socket removed on shutdown");
+    assert!(!sock.exists(), "socket removed on shutdown");
 }
 
 #[tokio::test]

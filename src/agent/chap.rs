@@ -75,9 +75,12 @@ impl ChapKey {
         let digest = mac.finalize().into_bytes();
         let mut secret = hex::encode(digest);
         secret.truncate(SECRET_LEN);
-        let short: String = id.as_str().chars().filter(|c| *c != '-').take(16).collect();
+        // The user name is public but must be unique per volume (tgtd accounts are global):
+        // a prefix of the id for readability plus a hash of the whole id.
+        let short: String = id.as_str().chars().filter(|c| *c != '-').take(8).collect();
+        let whole = hex::encode(<Sha256 as sha2::Digest>::digest(id.as_str().as_bytes()));
         ChapCredentials {
-            username: format!("cb-{short}"),
+            username: format!("cb-{short}-{}", &whole[..8]),
             secret,
         }
     }
@@ -96,7 +99,14 @@ mod tests {
         assert_eq!(ca, k.credentials(&a), "stable");
         assert_ne!(ca.secret, k.credentials(&b).secret, "per volume");
         assert_eq!(ca.secret.len(), SECRET_LEN);
-        assert_eq!(ca.username, "cb-aaaa1111");
+        assert!(ca.username.starts_with("cb-aaaa1111-"), "{}", ca.username);
+        assert_eq!(ca.username.len(), "cb-aaaa1111-".len() + 8);
+        let long1 = VolumeId::parse("0123456789abcdef0123-x").unwrap();
+        let long2 = VolumeId::parse("0123456789abcdef0123-y").unwrap();
+        assert_ne!(
+            k.credentials(&long1).username,
+            k.credentials(&long2).username
+        );
         let other = ChapKey::new(b"another key, also long".to_vec()).unwrap();
         assert_ne!(ca.secret, other.credentials(&a).secret, "per key");
         assert!(!format!("{ca:?}").contains(&ca.secret), "Debug redacts");

@@ -171,7 +171,7 @@ impl ChunkWriter {
             Chunk::Data { offset, bytes } => (*offset, bytes.len() as u64),
             Chunk::Hole { offset, len } => (*offset, *len),
         };
-        if offset.checked_add(len).map_or(true, |end| end > limit) {
+        if offset.checked_add(len).is_none_or(|end| end > limit) {
             return Err(AgentError::InvalidArgument(format!(
                 "chunk at {offset}+{len} is past the end of the volume ({limit} bytes)"
             )));

@@ -296,7 +296,10 @@ impl Exports {
 
     /// Makes tgtd see `backing`'s current size after an extend: tgtd reads the size once,
     /// when a LUN is created, so LUN 1 is deleted and created again (same backing store, same
-    /// SCSI identity). Sessions stay logged in; initiators must rescan to see the new size.
+    /// SCSI identity). Sessions stay logged in and go on with I/O on the new LUN; initiators
+    /// must rescan to see the new size. A command that reaches tgtd between the delete and
+    /// the re-create fails with ILLEGAL REQUEST / LOGICAL UNIT NOT SUPPORTED (observed on tgt
+    /// 1.0.85 under continuous writes), which initiators do not retry: quiesce I/O first.
     /// Not exported: Ok (a later export reads the size afresh).
     pub async fn refresh_lun(&self, id: &VolumeId, backing: &Path) -> Result<(), AgentError> {
         let iqn = target_iqn(id);

@@ -62,7 +62,7 @@ mod tests {
         assert!(matches!(g.try_lock("v1"), Err(AgentError::Busy(k)) if k == "v1"));
         let other = g.try_lock("v2").unwrap();
         drop(first);
-        assert_eq!(g.is_busy("v1"), false);
+        assert!(!g.is_busy("v1"));
         let _again = g.try_lock("v1").unwrap();
         drop(other);
     }

@@ -24,6 +24,11 @@
 //! old blocks) likewise, as Cinder does. Thin LVs need no wipe: a thin pool that zeroes new
 //! blocks (`lvchange --zero y`, LVM's default) never shows a deleted LV's data, and
 //! [`LvmPool::open`] refuses a thin pool without zeroing unless `volume_clear = none`.
+//!
+//! Thick snapshots get a COW area of `snapshot_cow_percent` of the origin; once the origin has
+//! changed more than that, LVM marks the snapshot invalid and it can no longer be read (it is
+//! still listed and can be deleted). 100 means a COW area that never overflows ([`full_cow`]),
+//! which is also what the temporary snapshot of a thick clone gets.
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
@@ -178,7 +183,7 @@ impl LvmPool {
     fn in_pool(&self, lv: &Lv) -> bool {
         match &self.thin_pool {
             Some(p) => lv.pool.as_deref() == Some(p.as_str()),
-            None => lv.pool.is_none() && lv.segtype != "thin-pool",
+            None => lv.pool.is_none() && !lv.is_thin_pool(),
         }
     }
 
@@ -363,7 +368,7 @@ impl LvmPool {
             }
             // A thick snapshot's own device reads through to the origin; its COW device holds
             // the origin's old blocks.
-            let target = if lv.attr.starts_with('s') {
+            let target = if lv.is_thick_snapshot() {
                 format!("/dev/mapper/{}-cow", cmd::dm_name(&self.vg, &lv.name))
             } else {
                 self.dev(&lv.name)
@@ -597,7 +602,7 @@ impl Backend for LvmPool {
         if let Some(pool) = &self.thin_pool {
             let lv = lvs
                 .iter()
-                .find(|l| &l.name == pool && l.segtype == "thin-pool")
+                .find(|l| &l.name == pool && l.is_thin_pool())
                 .ok_or_else(|| {
                     AgentError::Precondition(format!(
                         "thin pool {}/{pool} of pool {} not found",
@@ -680,7 +685,7 @@ impl Backend for LvmPool {
             Some(pool) => {
                 let lv = lvs
                     .iter()
-                    .find(|l| &l.name == pool && l.segtype == "thin-pool")
+                    .find(|l| &l.name == pool && l.is_thin_pool())
                     .ok_or_else(|| {
                         AgentError::Precondition(format!(
                             "thin pool {}/{pool} of pool {} not found",
@@ -907,6 +912,7 @@ impl Backend for LvmPool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 mod tests {
     use std::collections::BTreeMap;
     use std::os::unix::fs::PermissionsExt;
@@ -1167,13 +1173,13 @@ mod tests {
             vec![VolumeRecord {
                 id: vid("0a1b"),
                 pool: "p1".into(),
-                size: Bytes::mib(64),
-                allocated: Bytes::mib(64),
+                size: Bytes::mib(128),
+                allocated: Bytes::mib(128),
                 volume_type: "gold".into(),
                 source: None,
                 exported_to: vec!["iqn.1993-08.org.debian:01:node1".into()],
                 metadata: md(&[("pvc name", "data-0")]),
-                created_at: at(1795306860),
+                created_at: at(1795312164),
             }]
         );
         let snaps = p.snapshots().await.unwrap();
@@ -1185,7 +1191,7 @@ mod tests {
                 pool: "p1".into(),
                 size: Bytes::mib(64),
                 metadata: BTreeMap::new(),
-                created_at: at(1795306869),
+                created_at: at(1795312168),
             }]
         );
         assert_eq!(f.calls(), vec![lvs_all(), lvs_all()]);
@@ -1208,7 +1214,7 @@ mod tests {
                 source: Some(Source::Snapshot(sid("9c0d"))),
                 exported_to: vec![],
                 metadata: BTreeMap::new(),
-                created_at: at(1795306948),
+                created_at: at(1795312216),
             }
         );
         assert_eq!(vols[1].metadata, md(&[("k", "v=x")]));
@@ -1224,14 +1230,14 @@ mod tests {
     async fn stats_thick() {
         let (f, p) = thick(vec![all_lvs(), ok(fixture("vgs.json"))]);
         let s = p.stats().await.unwrap();
-        // Ours: volume-0a1b (64 MiB), its snapshot's COW (16 MiB), the unfinished clone (64 MiB).
+        // Ours: volume-0a1b (128 MiB), its snapshot's COW (16 MiB), the unfinished clone (64 MiB).
         assert_eq!(
             s,
             PoolStats {
                 total: Capacity::Known(Bytes(4290772992)),
-                free: Capacity::Known(Bytes(3590324224)),
-                provisioned: Bytes::mib(144),
-                allocated: Bytes::mib(144),
+                free: Capacity::Known(Bytes(3523215360)),
+                provisioned: Bytes::mib(208),
+                allocated: Bytes::mib(208),
                 volume_count: 1,
                 snapshot_count: 1,
             }
@@ -1489,7 +1495,7 @@ mod tests {
         ]);
         let new = NewVolume {
             id: vid("n3"),
-            size: Bytes::mib(64),
+            size: Bytes::mib(128),
             volume_type: "t".into(),
             metadata: BTreeMap::new(),
             source: Some(Source::Volume(vid("0a1b"))),
@@ -1500,9 +1506,9 @@ mod tests {
             f.calls(),
             vec![
                 lvs_one("volume-0a1b"),
-                words("lvm lvcreate --yes --zero y --wipesignatures y --size 67108864b --name volume-n3 --addtag cb.v=1 --addtag cb.type=t --addtag cb.src=vol:0a1b --addtag cb.state=creating cbfix"),
-                words("lvm lvcreate --yes --snapshot --size 75497472b --name _clone-n3 --addtag cb.v=1 --addtag cb.state=creating cbfix/volume-0a1b"),
-                words("dd if=/dev/cbfix/_clone-n3 of=/dev/cbfix/volume-n3 bs=1M iflag=direct,count_bytes oflag=direct conv=fsync status=none count=67108864"),
+                words("lvm lvcreate --yes --zero y --wipesignatures y --size 134217728b --name volume-n3 --addtag cb.v=1 --addtag cb.type=t --addtag cb.src=vol:0a1b --addtag cb.state=creating cbfix"),
+                words("lvm lvcreate --yes --snapshot --size 142606336b --name _clone-n3 --addtag cb.v=1 --addtag cb.state=creating cbfix/volume-0a1b"),
+                words("dd if=/dev/cbfix/_clone-n3 of=/dev/cbfix/volume-n3 bs=1M iflag=direct,count_bytes oflag=direct conv=fsync status=none count=134217728"),
                 lvs_one("_clone-n3"),
                 words("dd if=/dev/zero of=/dev/mapper/cbfix-_clone--n3-cow bs=1M iflag=count_bytes oflag=direct conv=fsync status=none count=16777216"),
                 words("lvm lvremove --yes cbfix/_clone-n3"),
@@ -1646,7 +1652,7 @@ mod tests {
             Err(AgentError::InsufficientCapacity { pool, needed, free }) => {
                 assert_eq!(
                     (pool.as_str(), needed, free),
-                    ("p1", Bytes::gib(80), Bytes(3590324224))
+                    ("p1", Bytes::gib(80), Bytes(3523215360))
                 );
             }
             other => panic!("{other:?}"),
@@ -1683,7 +1689,7 @@ mod tests {
         assert_eq!(
             f.calls()[1..],
             [
-                words("dd if=/dev/zero of=/dev/cbfix/volume-0a1b bs=1M iflag=count_bytes oflag=direct conv=fsync status=none count=67108864"),
+                words("dd if=/dev/zero of=/dev/cbfix/volume-0a1b bs=1M iflag=count_bytes oflag=direct conv=fsync status=none count=134217728"),
                 words("lvm lvremove --yes cbfix/volume-0a1b"),
             ]
         );
@@ -1719,7 +1725,7 @@ mod tests {
 
     #[tokio::test]
     async fn extend_thick_origin_goes_inactive_and_back() {
-        let grown = lv_as("volume-0a1b", &[("lv_size", "134217728")]);
+        let grown = lv_as("volume-0a1b", &[("lv_size", "268435456")]);
         let (f, p) = thick(vec![
             ok(report(&[fx_lv("volume-0a1b")])),
             done(),
@@ -1727,13 +1733,13 @@ mod tests {
             done(),
             ok(report(&[grown])),
         ]);
-        let rec = p.extend(&vid("0a1b"), Bytes::mib(128)).await.unwrap();
-        assert_eq!(rec.size, Bytes::mib(128));
+        let rec = p.extend(&vid("0a1b"), Bytes::mib(256)).await.unwrap();
+        assert_eq!(rec.size, Bytes::mib(256));
         assert_eq!(
             f.calls()[1..4],
             [
                 words("lvm lvchange --activate n cbfix/volume-0a1b"),
-                words("lvm lvextend --size 134217728b cbfix/volume-0a1b"),
+                words("lvm lvextend --size 268435456b cbfix/volume-0a1b"),
                 words("lvm lvchange --activate y cbfix/volume-0a1b"),
             ]
         );
@@ -1810,7 +1816,7 @@ mod tests {
                 ("lv_name", "_snapshot-s9"),
                 (
                     "lv_tags",
-                    "cb.meta.n=x,cb.size=67108864,cb.snapof=0a1b,cb.v=1",
+                    "cb.meta.n=x,cb.size=134217728,cb.snapof=0a1b,cb.v=1",
                 ),
             ],
         );
@@ -1827,11 +1833,11 @@ mod tests {
         let rec = p.snapshot(&new).await.unwrap();
         assert_eq!(
             (rec.size, rec.source_volume, rec.metadata),
-            (Bytes::mib(64), vid("0a1b"), md(&[("n", "x")]))
+            (Bytes::mib(128), vid("0a1b"), md(&[("n", "x")]))
         );
         assert_eq!(
             f.calls()[1],
-            words("lvm lvcreate --yes --snapshot --size 16777216b --name _snapshot-s9 --addtag cb.v=1 --addtag cb.snapof=0a1b --addtag cb.size=67108864 --addtag cb.meta.n=x cbfix/volume-0a1b")
+            words("lvm lvcreate --yes --snapshot --size 33554432b --name _snapshot-s9 --addtag cb.v=1 --addtag cb.snapof=0a1b --addtag cb.size=134217728 --addtag cb.meta.n=x cbfix/volume-0a1b")
         );
         let made = lv_as("_snapshot-9c0d", &[("lv_name", "_snapshot-s8")]);
         let (f, p) = thin(vec![

@@ -210,8 +210,14 @@ impl AgentService {
             *idx = Index { volumes, snapshots };
         }
         // Exports of volumes being changed right now are left to their operation.
-        desired.retain(|d| !self.guards.is_busy(d.id.as_str()));
-        let drift = self.exports.reconcile(&desired).await?;
+        let busy: Vec<VolumeId> = read(&self.index)
+            .volumes
+            .keys()
+            .filter(|id| self.guards.is_busy(id.as_str()))
+            .cloned()
+            .collect();
+        desired.retain(|d| !busy.contains(&d.id));
+        let drift = self.exports.reconcile_except(&desired, &busy).await?;
         if !drift.created.is_empty() || !drift.repaired.is_empty() || !drift.removed.is_empty() {
             tracing::warn!(
                 created = drift.created.len(),
@@ -421,7 +427,7 @@ impl AgentService {
         let mut v: Vec<_> = read(&self.index)
             .volumes
             .values()
-            .filter(|v| pool.map_or(true, |p| v.pool == p))
+            .filter(|v| pool.is_none_or(|p| v.pool == p))
             .cloned()
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));
@@ -515,7 +521,7 @@ impl AgentService {
         let mut v: Vec<_> = read(&self.index)
             .snapshots
             .values()
-            .filter(|s| source.map_or(true, |id| &s.source_volume == id))
+            .filter(|s| source.is_none_or(|id| &s.source_volume == id))
             .cloned()
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));

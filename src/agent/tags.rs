@@ -349,6 +349,7 @@ pub fn is_export_tag(t: &str) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 mod tests {
     use super::super::backend::Source;
     use super::*;

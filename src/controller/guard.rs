@@ -81,9 +81,12 @@ mod tests {
                 .map_err(|e| e.to_string()),
             Err("an operation on volume:a is already in progress".to_string())
         );
-        assert_eq!(g.is_busy("volume:b"), false);
+        assert_eq!(
+            [g.is_busy("volume:a"), g.is_busy("volume:b")],
+            [true, false]
+        );
         drop(first);
-        assert_eq!(g.is_busy("volume:a"), false);
+        assert_eq!([g.is_busy("volume:a")], [false]);
         assert_eq!(
             g.try_lock("volume:a".into())
                 .map(|_| ())

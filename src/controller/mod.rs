@@ -293,14 +293,13 @@ impl Controller {
             // Extra specs are parsed before any pool is looked at, so an empty set tells.
             let mut probe = Request::new(Bytes(1));
             probe.extra_specs = t.extra_specs.clone();
-            match scheduler.schedule(&PoolSet::new(), &probe) {
-                Err(e @ SchedulerError::InvalidExtraSpec { .. }) => {
-                    return Err(ControllerError::Internal(format!(
-                        "volume type {:?}: {e}",
-                        t.name
-                    )))
-                }
-                Ok(_) | Err(_) => {}
+            if let Err(e @ SchedulerError::InvalidExtraSpec { .. }) =
+                scheduler.schedule(&PoolSet::new(), &probe)
+            {
+                return Err(ControllerError::Internal(format!(
+                    "volume type {:?}: {e}",
+                    t.name
+                )));
             }
         }
         Ok(Controller {

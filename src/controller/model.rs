@@ -716,8 +716,9 @@ mod tests {
     #[test]
     fn paginate_table() {
         let items: Vec<u32> = (0..5).collect();
-        // (max, token, entries, next)
-        let cases: [(usize, &str, Result<(Vec<u32>, Option<&str>), &str>); 7] = [
+        // (max, token, entries and next token, or the bad token)
+        type Case<'a> = (usize, &'a str, Result<(Vec<u32>, Option<&'a str>), &'a str>);
+        let cases: [Case<'_>; 7] = [
             (0, "", Ok((vec![0, 1, 2, 3, 4], None))),
             (2, "", Ok((vec![0, 1], Some("2")))),
             (2, "2", Ok((vec![2, 3], Some("4")))),

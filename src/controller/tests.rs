@@ -775,7 +775,7 @@ async fn snapshots_by_name() {
         Ok(vec![s1.clone()])
     );
     assert_eq!(ids(c.list_snapshots("nope", "", 0, "").await), Ok(vec![]));
-    let mut all = vec![s1.clone(), s4.clone()];
+    let mut all = [s1.clone(), s4.clone()];
     all.sort();
     assert_eq!(
         ids(c.list_snapshots("", "", 1, "1").await),
@@ -855,7 +855,13 @@ async fn get_capacity_follows_type_zone_and_reserve() {
     let nvme = BTreeMap::from([("type".to_string(), "nvme".to_string())]);
     // (parameters, zone, capabilities, available GiB)
     let multi = [block(AccessMode::MultiNodeMultiWriter)];
-    let cases: [(&BTreeMap<String, String>, Option<&str>, &[Capability], u64); 6] = [
+    type Case<'a> = (
+        &'a BTreeMap<String, String>,
+        Option<&'a str>,
+        &'a [Capability],
+        u64,
+    );
+    let cases: [Case<'_>; 6] = [
         (&no, None, &[], 70),
         (&no, Some("z2"), &[], 45),
         (&ssd, Some("z2"), &[], 0),

@@ -80,7 +80,10 @@ mod tests {
 
     #[test]
     fn table() {
-        let v = || VolumeId::parse("v1").unwrap();
+        let v = || match VolumeId::parse("v1") {
+            Ok(v) => v,
+            Err(e) => panic!("{e}"),
+        };
         let agent = |kind| ControllerError::Agent {
             agent: "a".into(),
             op: "CreateVolume",

@@ -217,9 +217,12 @@ pub fn classify(command: String, out: Output) -> Result<Output, LvmError> {
 // ---------------------------------------------------------------------------------------
 // Reports
 
-/// Fields of `lvs` reports, in the order [`Lv`] reads them.
+/// Fields of `lvs` reports. LV fields only: a segment field (`segtype`, `seg_*`) makes `lvs`
+/// print one row per segment, so an LV grown into a second segment would appear twice (seen on
+/// a thick origin extended after its snapshot took the next extents). The LV's kind comes
+/// from `lv_attr` instead.
 pub const LV_FIELDS: &str =
-    "lv_name,vg_name,lv_size,lv_attr,lv_tags,origin,pool_lv,data_percent,lv_time,segtype,lv_active";
+    "lv_name,vg_name,lv_size,lv_attr,lv_tags,origin,pool_lv,data_percent,lv_time,lv_active";
 
 /// Fields of `vgs` reports.
 pub const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size,vg_extent_count,vg_free_count";
@@ -275,8 +278,6 @@ pub struct Lv {
     pub data_percent: Option<f64>,
     /// Creation time.
     pub created: Option<SystemTime>,
-    /// Segment type: `linear`, `striped`, `thin`, `thin-pool`, `snapshot`, ...
-    pub segtype: String,
     /// Active on this host; `None` when LVM cannot tell (no device-mapper).
     pub active: Option<bool>,
 }
@@ -289,6 +290,16 @@ impl Lv {
     /// A thick LV with (thick) snapshots: `o` in the first attribute.
     pub fn is_thick_origin(&self) -> bool {
         self.attr_char(0) == Some('o')
+    }
+
+    /// A thick (copy-on-write) snapshot: `s` in the first attribute.
+    pub fn is_thick_snapshot(&self) -> bool {
+        self.attr_char(0) == Some('s')
+    }
+
+    /// A thin pool: `t` in the first attribute.
+    pub fn is_thin_pool(&self) -> bool {
+        self.attr_char(0) == Some('t')
     }
 
     /// A thin pool that zeroes newly provisioned blocks (`z` in the eighth attribute), so a
@@ -352,7 +363,6 @@ struct RawLv {
     pool_lv: String,
     data_percent: String,
     lv_time: String,
-    segtype: String,
     lv_active: String,
 }
 
@@ -420,7 +430,6 @@ pub fn parse_lvs(json: &str) -> Result<Vec<Lv>, LvmError> {
             pool: opt(raw.pool_lv),
             data_percent,
             created,
-            segtype: raw.segtype,
             active,
         });
     }
@@ -613,6 +622,7 @@ pub fn dm_name(vg: &str, lv: &str) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 mod tests {
     use super::*;
 
@@ -781,18 +791,17 @@ mod tests {
             Lv {
                 name: "volume-0a1b".into(),
                 vg: "cbfix".into(),
-                size: Bytes::mib(64),
+                size: Bytes::mib(128),
                 attr: "owi-a-s---".into(),
                 tags: words("cb.export=iqn.1993-08.org.debian:01:node1 cb.meta.pvc&20name=data-0 cb.type=gold cb.v=1"),
                 origin: None,
                 pool: None,
                 data_percent: None,
-                created: at(1795306860),
-                segtype: "linear".into(),
+                created: at(1795312164),
                 active: Some(true),
             }
         );
-        // A thick snapshot: its size is the COW area, its segtype "linear", attribute `s`.
+        // A thick snapshot: its size is the COW area, attribute `s`.
         assert_eq!(
             by("_snapshot-5e6f"),
             Lv {
@@ -804,8 +813,7 @@ mod tests {
                 origin: Some("volume-0a1b".into()),
                 pool: None,
                 data_percent: Some(12.60),
-                created: at(1795306869),
-                segtype: "linear".into(),
+                created: at(1795312168),
                 active: Some(true),
             }
         );
@@ -820,19 +828,20 @@ mod tests {
                 origin: Some("_snapshot-9c0d".into()),
                 pool: Some("pool0".into()),
                 data_percent: Some(6.25),
-                created: at(1795306948),
-                segtype: "thin".into(),
+                created: at(1795312216),
                 active: Some(true),
             }
         );
         let pool = by("pool0");
         assert_eq!(
-            (pool.segtype.as_str(), pool.size, pool.data_percent),
-            ("thin-pool", Bytes::mib(512), Some(1.56))
+            (pool.is_thin_pool(), pool.size, pool.data_percent),
+            (true, Bytes::mib(512), Some(1.56))
         );
         assert!(pool.zeroes_new_blocks());
         assert_eq!(pool.allocated(), Some(Bytes(8375186)));
         assert!(by("volume-0a1b").is_thick_origin());
+        assert!(by("_snapshot-5e6f").is_thick_snapshot() && !by("volume-0a1b").is_thick_snapshot());
+        assert!(!by("volume-7a8b").is_thin_pool());
         assert!(!by("volume-7a8b").is_thick_origin() && !by("volume-0c2d").is_thick_origin());
         assert_eq!(by("volume-7a8b").allocated(), Some(Bytes::mib(8)));
         let (skip, foreign) = (by("lvol-skip"), by("foreign"));
@@ -870,10 +879,10 @@ mod tests {
             vec![Vg {
                 name: "cbfix".into(),
                 size: Bytes(4290772992),
-                free: Bytes(3590324224),
+                free: Bytes(3523215360),
                 extent_size: Bytes::mib(4),
                 extent_count: 1023,
-                free_count: 856,
+                free_count: 840,
             }]
         );
     }

@@ -43,7 +43,10 @@ impl Tgtd {
         let mut last_log = String::new();
         for attempt in 0..START_ATTEMPTS {
             let ctl = pick_control_port(attempt);
-            if tgtadm_raw(ctl, &["--op", "show", "--mode", "sys"]).status.success() {
+            if tgtadm_raw(ctl, &["--op", "show", "--mode", "sys"])
+                .status
+                .success()
+            {
                 continue; // another tgtd already owns this management channel
             }
             match Tgtd::try_start(ctl, free_tcp_port()) {
@@ -94,7 +97,13 @@ impl Tgtd {
             .stderr(log_file)
             .spawn()
             .expect("spawn tgtd");
-        let mut tgtd = Tgtd { child, ctl, port, log, _dir: dir };
+        let mut tgtd = Tgtd {
+            child,
+            ctl,
+            port,
+            log,
+            _dir: dir,
+        };
         if tgtd.wait_ready() {
             return Ok(tgtd);
         }

@@ -5,7 +5,7 @@
 # Before starting: the operator's part of a Cinder LVM node, the VG `cinder-volumes` on
 # /dev/vdb (the data disk). Log: /mnt/host/logs/$(hostname)/cinderblock.log (on the host:
 # tests/e2e/.run/share/logs/NAME/cinderblock.log). PID: /run/cinderblock.pid.
-# Waits up to START_TIMEOUT (60 s) for the TCP port of the --endpoint argument.
+# Waits up to START_TIMEOUT (180 s) for the TCP port of the --endpoint argument.
 set -euo pipefail
 BIN=/mnt/host/bin/cinderblock
 LOG=/mnt/host/logs/$(hostname)/cinderblock.log
@@ -31,7 +31,7 @@ done
 
 mkdir -p "$(dirname "$LOG")"
 echo "=== $(date -u +%FT%TZ) $BIN $*" >>"$LOG"
-setsid "$BIN" "$@" >>"$LOG" 2>&1 </dev/null &
+NO_COLOR=1 setsid "$BIN" "$@" >>"$LOG" 2>&1 </dev/null &
 pid=$!
 echo "$pid" >/run/cinderblock.pid
 
@@ -39,7 +39,7 @@ listening() {  # is TCP port $1 in LISTEN state (any address)?
   awk -v p="$(printf ':%04X' "$1")" 'NR > 1 && $4 == "0A" && substr($2, length($2) - 4) == p { f = 1 }
                                      END { exit !f }' /proc/net/tcp /proc/net/tcp6
 }
-end=$(($(date +%s) + ${START_TIMEOUT:-60}))
+end=$(($(date +%s) + ${START_TIMEOUT:-180}))
 while :; do
   if ! kill -0 "$pid" 2>/dev/null; then
     echo "cinderblock exited at start; its log:" >&2
@@ -48,7 +48,7 @@ while :; do
   fi
   if [ -z "$port" ] || listening "$port"; then break; fi
   if [ "$(date +%s)" -ge $end ]; then
-    echo "cinderblock (pid $pid) does not listen on :$port after ${START_TIMEOUT:-60}s; its log:" >&2
+    echo "cinderblock (pid $pid) does not listen on :$port after ${START_TIMEOUT:-180}s; its log:" >&2
     tail -30 "$LOG" >&2
     exit 1
   fi
