@@ -25,7 +25,7 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 unit:
-	$(CARGO) test --all-targets
+	$(CARGO) test --lib --bins --tests
 
 test: deps lint unit
 
