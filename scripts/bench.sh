@@ -6,6 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== host benches"
 cargo bench --quiet --bench scheduler 2>/dev/null | grep '^bench:'
+cargo bench --quiet --bench controller 2>/dev/null | grep "^bench:"
 if [ "${BENCH_VM:-1}" != 0 ] && [ -x tests/e2e/bench-vm.sh ]; then
   echo "== test-VM benches (real LVM and tgt inside a Debian guest)"
   bash tests/e2e/bench-vm.sh | grep '^bench:'
