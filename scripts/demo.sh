@@ -23,7 +23,7 @@ CB=$PWD/target/release/cinderblock
 source tests/e2e/lib.sh   # CB_QEMU (qemu-io with its iSCSI driver), free_port
 
 W=$(mktemp -d /tmp/cinderblock-demo.XXXXXX)
-CTL=$(( 20000 + RANDOM % 20000 ))
+CTL=$(( 20000 + RANDOM % 12000 ))  # tgtadm accepts -C 0..32767
 PORT=$(free_port)
 TGTD_PID= CB_PID=
 cleanup() {
