@@ -49,6 +49,8 @@ pub enum Command {
     Identity(IdentityArgs),
     /// Operate one storage agent directly (pools, volumes, snapshots, exports).
     AgentCtl(crate::ops::agent::AgentCtlArgs),
+    /// Measure CreateVolume through a CSI controller (latency, burst wall time, duplicates).
+    BenchCsi(crate::ops::bench::BenchCsiArgs),
 }
 
 /// Flags shared by every role.

@@ -100,6 +100,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ops::print_identity(&report, args.output);
         }
         Command::AgentCtl(args) => runtime()?.block_on(ops::agent::run(args))?,
+        Command::BenchCsi(args) => {
+            let output = args.output;
+            let report = runtime()?.block_on(ops::bench::bench_csi(args))?;
+            ops::bench::print_report(&report, output);
+            ops::bench::failures(&report, "CreateVolume")?;
+        }
     }
     Ok(())
 }

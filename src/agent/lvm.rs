@@ -740,6 +740,22 @@ impl Backend for LvmPool {
             self.undo(&lv).await;
             return Err(e);
         }
+        if new.source.is_none() {
+            // A blank LV is exactly what lvcreate was asked for: `new.size` is already a
+            // whole number of extents, the tags are ours. Reading it back would double the
+            // LVM work of the most frequent call (`make bench`: create vs raw lvcreate).
+            return Ok(VolumeRecord {
+                id: new.id.clone(),
+                pool: self.name.clone(),
+                size: new.size,
+                allocated: if self.is_thin() { Bytes(0) } else { new.size },
+                volume_type: new.volume_type.clone(),
+                source: None,
+                exported_to: Vec::new(),
+                metadata: new.metadata.clone(),
+                created_at: SystemTime::now(),
+            });
+        }
         self.volume_now(&new.id).await
     }
 
@@ -1339,14 +1355,8 @@ mod tests {
 
     #[tokio::test]
     async fn create_thick_blank_tags_in_the_same_lvcreate() {
-        let created = lv_as(
-            "volume-0c2d",
-            &[
-                ("lv_name", "volume-n1"),
-                ("lv_tags", "cb.meta.a=b&20c,cb.type=gold,cb.v=1"),
-            ],
-        );
-        let (f, p) = thick(vec![done(), ok(report(&[created]))]);
+        // One command: the record of a blank create is not read back.
+        let (f, p) = thick(vec![done()]);
         let new = NewVolume {
             id: vid("n1"),
             size: Bytes::mib(64),
@@ -1363,18 +1373,13 @@ mod tests {
             f.calls(),
             vec![
                 words("lvm lvcreate --yes --zero y --wipesignatures y --size 67108864b --name volume-n1 --addtag cb.v=1 --addtag cb.type=gold --addtag cb.meta.a=b&20c cbfix"),
-                lvs_one("volume-n1"),
             ]
         );
     }
 
     #[tokio::test]
     async fn create_thin_blank() {
-        let created = lv_as(
-            "volume-7a8b",
-            &[("lv_name", "volume-n1"), ("lv_tags", "cb.type=t,cb.v=1")],
-        );
-        let (f, p) = thin(vec![done(), ok(report(&[created]))]);
+        let (f, p) = thin(vec![done()]);
         let new = NewVolume {
             id: vid("n1"),
             size: Bytes::mib(128),
@@ -1382,7 +1387,8 @@ mod tests {
             metadata: BTreeMap::new(),
             source: None,
         };
-        p.create(&new).await.unwrap();
+        let rec = p.create(&new).await.unwrap();
+        assert_eq!((rec.size, rec.allocated), (Bytes::mib(128), Bytes(0)));
         assert_eq!(
             f.calls()[0],
             words("lvm lvcreate --yes --type thin --virtualsize 134217728b --thinpool pool0 --name volume-n1 --addtag cb.v=1 --addtag cb.type=t cbfix")

@@ -5,7 +5,7 @@
 //! each operation while that operation holds the object's guard. It spares a metadata read
 //! per request (an `lvs` costs as much as an `lvcreate`); the storage stays the truth.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -176,6 +176,10 @@ impl AgentService {
     /// Rebuilds the index from durable state and makes tgtd's targets match it: missing
     /// exports (tgtd restarted) are re-created, targets without a volume removed.
     pub async fn reconcile(&self) -> Result<(), AgentError> {
+        // Operations may run while durable state is read: anything one of them touched in
+        // the meantime is taken from the index (which the operation keeps current), not
+        // from this possibly older reading, and its export is left to the operation.
+        let mark = self.guards.mark();
         let mut volumes = HashMap::new();
         let mut snapshots = HashMap::new();
         let mut desired = Vec::new();
@@ -199,23 +203,38 @@ impl AgentService {
                 snapshots.insert(s.id.clone(), s);
             }
         }
-        {
-            // Keep records that in-flight operations (holding guards) are changing.
+        let unstable: Vec<VolumeId> = {
             let mut idx = write(&self.index);
-            for (id, v) in idx.volumes.iter() {
-                if self.guards.is_busy(id.as_str()) && !volumes.contains_key(id) {
-                    volumes.insert(id.clone(), v.clone());
+            let ids: HashSet<VolumeId> =
+                volumes.keys().chain(idx.volumes.keys()).cloned().collect();
+            let unstable: Vec<VolumeId> = ids
+                .into_iter()
+                .filter(|id| self.guards.changed_since(id.as_str(), mark))
+                .collect();
+            for id in &unstable {
+                match idx.volumes.get(id) {
+                    Some(v) => volumes.insert(id.clone(), v.clone()),
+                    None => volumes.remove(id),
+                };
+            }
+            let snap_ids: HashSet<SnapshotId> = snapshots
+                .keys()
+                .chain(idx.snapshots.keys())
+                .cloned()
+                .collect();
+            for id in snap_ids {
+                if self.guards.changed_since(&format!("snapshot:{id}"), mark) {
+                    match idx.snapshots.get(&id) {
+                        Some(s) => snapshots.insert(id, s.clone()),
+                        None => snapshots.remove(&id),
+                    };
                 }
             }
             *idx = Index { volumes, snapshots };
-        }
-        // Exports of volumes being changed right now are left to their operation.
-        let busy: Vec<VolumeId> = read(&self.index)
-            .volumes
-            .keys()
-            .filter(|id| self.guards.is_busy(id.as_str()))
-            .cloned()
-            .collect();
+            unstable
+        };
+        // Exports of volumes changed during the reading are left to their operation.
+        let busy = unstable;
         desired.retain(|d| !busy.contains(&d.id));
         let drift = self.exports.reconcile_except(&desired, &busy).await?;
         if !drift.created.is_empty() || !drift.repaired.is_empty() || !drift.removed.is_empty() {

@@ -104,6 +104,28 @@ pub enum AgentCtl {
         #[arg(long, value_name = "FILE")]
         secret_file: Option<PathBuf>,
     },
+    /// Time CreateVolume: COUNT blank volumes, PARALLEL at once; prints latency figures and
+    /// deletes the volumes again (unless --keep).
+    BenchCreate {
+        /// Pool name.
+        #[arg(long)]
+        pool: String,
+        /// Size of each volume.
+        #[arg(long, default_value = "64Mi")]
+        size: Bytes,
+        /// Number of volumes.
+        #[arg(long, default_value_t = 20)]
+        count: usize,
+        /// Calls in flight at once.
+        #[arg(long, default_value_t = 1)]
+        parallel: usize,
+        /// Id prefix of the volumes (default: bench-<random>).
+        #[arg(long)]
+        prefix: Option<String>,
+        /// Keep the volumes.
+        #[arg(long)]
+        keep: bool,
+    },
     /// Remove an initiator (or every initiator) from a volume's export.
     Unexport {
         /// Volume id.
@@ -439,6 +461,25 @@ pub async fn run(args: AgentCtlArgs) -> Result<(), OpsError> {
                 ],
             ];
             emit(out, v, rows);
+        }
+        AgentCtl::BenchCreate {
+            pool,
+            size,
+            count,
+            parallel,
+            prefix,
+            keep,
+        } => {
+            let prefix = prefix.unwrap_or_else(|| {
+                format!("bench-{}", &uuid::Uuid::new_v4().simple().to_string()[..8])
+            });
+            let r =
+                super::bench::create_burst(c.clone(), &pool, size, count, parallel, &prefix).await;
+            if !keep {
+                super::bench::delete_all(c, &r.ids).await?;
+            }
+            super::bench::print_report(&r, out);
+            super::bench::failures(&r, "CreateVolume")?;
         }
         AgentCtl::Unexport { id, initiator } => {
             c.unexport_volume(pb::UnexportVolumeRequest {

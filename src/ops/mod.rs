@@ -1,6 +1,7 @@
 //! Operator commands that talk to a running Cinderblock (the `cinder` client's role).
 
 pub mod agent;
+pub mod bench;
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +29,18 @@ pub enum OpsError {
         code: tonic::Code,
         /// Server message.
         message: String,
+    },
+    /// Some calls of a measured burst failed.
+    #[error("{failed} of {total} {rpc} calls failed, first: {first}")]
+    Burst {
+        /// RPC name.
+        rpc: &'static str,
+        /// Failed calls.
+        failed: usize,
+        /// All calls.
+        total: usize,
+        /// The first failure.
+        first: String,
     },
     /// `--wait` ran out before the plugin became ready.
     #[error("not ready after {0:?}")]

@@ -21,6 +21,8 @@ BUDGET_BOOT=${BUDGET_BOOT:-900}
 export BOOT_TIMEOUT=${BOOT_TIMEOUT:-$((BUDGET_BOOT - 30))}
 BUDGET_SCENARIO=${BUDGET_SCENARIO:-900}
 BUDGET_START=${BUDGET_START:-120}
+BUDGET_LVM=${BUDGET_LVM:-900}
+BUDGET_AGENT=${BUDGET_AGENT:-900}
 BUDGET_TESTS=${BUDGET_TESTS:-900}
 
 T0=$(now)
@@ -123,6 +125,14 @@ fi
 grep -E '^\s*(Finished|Compiling cinderblock)' "$LOGS/cargo-build.log" || true
 cp "$TARGET_DIR/release/cinderblock" "$CB_SHARE/bin/cinderblock.tmp" &&
   mv "$CB_SHARE/bin/cinderblock.tmp" "$CB_SHARE/bin/cinderblock"
+
+# The agent on real LVM (issue 4), in the one-VM guest (or stor when only two VMs run).
+AGENT_VM=one
+case " $VMS " in *" one "*) ;; *) AGENT_VM=stor ;; esac
+stage "scenario: LVM backend (lvm-backend.sh $AGENT_VM)" "$BUDGET_LVM" \
+  "$CB_E2E/scenarios/lvm-backend.sh" "$AGENT_VM"
+stage "scenario: agent on LVM + iSCSI (agent-lvm.sh $AGENT_VM)" "$BUDGET_AGENT" \
+  "$CB_E2E/scenarios/agent-lvm.sh" "$AGENT_VM"
 
 started=1
 for name in $VMS; do

@@ -8,8 +8,9 @@
 #      snapshot, `lvremove --yes` of an origin taking its snapshots along;
 #   2. the backend itself: the library's ignored tests `agent::lvm::tests::real_*` (thick and
 #      thin lifecycles: create, snapshot, restore, clone, extend, tags, crash leftovers,
-#      delete) run in the guest against a scratch VG. The test binary is built on the host
-#      (same glibc) unless CB_LIB_TESTS names one.
+#      delete) run in the guest against a scratch VG. The test binary is the debug build of
+#      the library tests (`make test` has usually built it already), built on the host (same
+#      glibc) unless CB_LIB_TESTS names one.
 # Usage: lvm-backend.sh VM
 #   CAPTURE_FIXTURES=DIR  also regenerate tests/fixtures/lvm/ into DIR (on the host)
 # Uses the scratch disk /dev/vdc and leaves the guest as it found it (scratch VG removed).
@@ -24,7 +25,7 @@ echo "== LVM backend on $G ($DISK)"
 # ---- the test binary (built now, while nothing else needs the guest) -------------------
 if [ -z "${CB_LIB_TESTS:-}" ]; then
   t=$(now)
-  CB_LIB_TESTS=$(cd "$CB_REPO" && cargo test --release --lib --no-run --message-format=json 2>"$CB_RUN/lvm-lib-tests-build.log" |
+  CB_LIB_TESTS=$(cd "$CB_REPO" && cargo test --lib --no-run --message-format=json 2>"$CB_RUN/lvm-lib-tests-build.log" |
     python3 -c 'import json, sys
 for line in sys.stdin:
     m = json.loads(line)

@@ -1,0 +1,102 @@
+#!/bin/bash
+# `make bench`, inside the test VM: CreateVolume through the agent API against a raw
+# `lvcreate` of the same size on the same VG, in one run, in one guest (real LVM, TCG).
+#   1. median latency of 20 sequential creates of 64 MiB: agent (gRPC, measured in one
+#      client process: `agent-ctl bench-create`) vs raw `lvcreate` (timed in bash with
+#      $EPOCHREALTIME, no extra process), rounds interleaved so drift hits both;
+#   2. 50 concurrent agent creates (errors counted, wall time) vs 50 sequential raw lvcreate.
+# Prints `bench: NAME = VALUE UNIT (baseline NAME = VALUE UNIT, ratio R, goal G)` lines.
+# Boots the one-VM guest unless it runs already (then leaves it running).
+set -euo pipefail
+source "$(dirname "$0")/lib.sh"
+source "$CB_E2E/topology.sh"
+G=one
+VM=$CB_E2E/vm
+TARGET_DIR=${CARGO_TARGET_DIR:-$CB_REPO/target}
+ROUNDS=${BENCH_ROUNDS:-4} PER_ROUND=${BENCH_PER_ROUND:-5} BURST=${BENCH_BURST:-50}
+
+"$CB_E2E/host-deps.sh" vm >/dev/null
+(cd "$CB_REPO" && cargo build --release --bin cinderblock 2>&1 | grep -E '^(error|warning: unused)' || true)
+"$CB_E2E/build-image.sh" >/dev/null
+mkdir -p "$CB_SHARE/bin" "$CB_SHARE/e2e"
+cp "$TARGET_DIR/release/cinderblock" "$CB_SHARE/bin/cinderblock.tmp"
+mv "$CB_SHARE/bin/cinderblock.tmp" "$CB_SHARE/bin/cinderblock"
+cp "$CB_E2E/guest/agent-lib.sh" "$CB_SHARE/e2e/agent-lib.sh"
+
+booted=0
+if ! "$VM" status 2>/dev/null | grep -q "^$G running"; then
+  log "booting $G for the bench"
+  topo_boot "$G" >/dev/null
+  booted=1
+fi
+finish() {
+  "$VM" exec "$G" 'source /mnt/host/e2e/agent-lib.sh; set +e; agent_stop
+    lvremove -q -y cinder-volumes >/dev/null 2>&1; true' >/dev/null 2>&1 || true
+  [ $booted = 0 ] || "$VM" stop "$G" >/dev/null 2>&1 || true
+}
+trap finish EXIT
+
+cat >"$CB_SHARE/e2e/agent-bench.toml" <<'EOF'
+name = "bench"
+listen = "tcp://127.0.0.1:9700"
+chap_key_file = "/etc/cinderblock/chap.key"
+[[pools]]
+name = "thick"
+kind = "lvm-thick"
+vg = "cinder-volumes"
+volume_clear = "none" # deletes are not measured; clearing would only slow the clean-up
+EOF
+
+out=$("$VM" exec "$G" "source /mnt/host/e2e/agent-lib.sh
+  AGENT_CONFIG=/mnt/host/e2e/agent-bench.toml
+  vgs cinder-volumes >/dev/null 2>&1 || { pvcreate -q /dev/vdb && vgcreate -q cinder-volumes /dev/vdb; }
+  lvremove -q -y cinder-volumes >/dev/null 2>&1 || true
+  mkdir -p /etc/cinderblock && [ -f /etc/cinderblock/chap.key ] || head -c 32 /dev/urandom >/etc/cinderblock/chap.key
+  agent_start
+  raw=()
+  for r in \$(seq $ROUNDS); do
+    for i in \$(seq $PER_ROUND); do
+      t=\${EPOCHREALTIME/./}
+      lvcreate -q -y --size 64m --name raw-\$r-\$i cinder-volumes >/dev/null
+      raw+=(\$((\${EPOCHREALTIME/./} - t)))
+    done
+    lvremove -q -y cinder-volumes >/dev/null
+    ctl -o json bench-create --pool thick --size 64Mi --count $PER_ROUND --parallel 1 --prefix a\$r |
+      sed -n 's/^  \"\\(median_ms\\|errors\\)\": \\([0-9.]*\\),\$/agent_round \\1 \\2/p'
+  done
+  printf '%s\n' \"\${raw[@]}\" | sort -g | awk '{ v[NR] = \$1 } END { print \"raw_median_ms\", v[int((NR + 1) / 2)] / 1000 }'
+  t=\${EPOCHREALTIME/./}
+  for i in \$(seq $BURST); do lvcreate -q -y --size 64m --name seq-\$i cinder-volumes >/dev/null; done
+  echo raw_seq_wall_ms \$(((\${EPOCHREALTIME/./} - t) / 1000))
+  lvremove -q -y cinder-volumes >/dev/null
+  ctl -o json bench-create --pool thick --size 64Mi --count $BURST --parallel $BURST --prefix burst |
+    sed -n 's/^  \"\\(wall_ms\\|errors\\|median_ms\\)\": \\([0-9.]*\\),\$/burst_\\1 \\2/p'
+  agent_stop")
+echo "$out" | sed 's/^/  vm| /' >&2
+
+python3 - "$out" "$ROUNDS" "$PER_ROUND" "$BURST" <<'EOF'
+import statistics, sys
+out, rounds, per, burst = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+agent, errors, v = [], 0, {}
+for line in out.splitlines():
+    w = line.split()
+    if w[:1] == ["agent_round"]:
+        if w[1] == "median_ms":
+            agent.append(float(w[2]))
+        else:
+            errors += int(float(w[2]))
+    elif len(w) == 2:
+        v[w[0]] = float(w[1])
+need = ["raw_median_ms", "raw_seq_wall_ms", "burst_wall_ms", "burst_errors"]
+if len(agent) != rounds or any(k not in v for k in need):
+    sys.exit(f"bench: incomplete output from the guest: {out!r}")
+# Median of the per-round medians (each round: {per} creates).
+a, raw = statistics.median(agent), v["raw_median_ms"]
+print(f"bench: agent_create_median_lvm_thick_64MiB = {a:.1f} ms (baseline raw_lvcreate_median = {raw:.1f} ms, "
+      f"ratio {a / raw:.2f}, goal <= 1.10) [{rounds}x{per} sequential, {errors} errors]")
+bw, sw = v["burst_wall_ms"] / 1000, v["raw_seq_wall_ms"] / 1000
+print(f"bench: agent_create_{burst}_concurrent_wall = {bw:.2f} s (baseline raw_lvcreate_{burst}_sequential_wall = {sw:.2f} s, "
+      f"ratio {bw / sw:.2f}, goal 0 errors) [{int(v['burst_errors'])} errors, median call {v.get('burst_median_ms', 0):.0f} ms]")
+if errors or v["burst_errors"]:
+    sys.exit("bench: some creates failed")
+EOF
