@@ -15,6 +15,7 @@ pub mod csi;
 pub mod exec;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod ops;
 pub mod proto;
 pub mod roles;
