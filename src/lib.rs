@@ -20,5 +20,6 @@ pub mod ops;
 pub mod proto;
 pub mod roles;
 pub mod scheduler;
+pub mod tls;
 pub mod transport;
 pub mod types;

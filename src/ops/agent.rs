@@ -11,6 +11,7 @@ use super::OpsError;
 use crate::cli::OutputFormat;
 use crate::proto::agent as pb;
 use crate::proto::agent::agent_client::AgentClient;
+use crate::tls::ClientTls;
 use crate::transport::{self, Endpoint};
 use crate::types::Bytes;
 
@@ -20,6 +21,34 @@ pub struct AgentCtlArgs {
     /// The agent's endpoint.
     #[arg(long, env = "CINDERBLOCK_AGENT", value_name = "ENDPOINT")]
     pub agent: Endpoint,
+    /// CA certificate (PEM) the agent's certificate must chain to: speaks TLS to a tcp://
+    /// agent (a unix:// agent is always plain).
+    #[arg(long, env = "CINDERBLOCK_AGENT_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to the agent (mutual TLS).
+    #[arg(
+        long,
+        env = "CINDERBLOCK_AGENT_TLS_CERT",
+        value_name = "FILE",
+        requires_all = ["tls_ca", "tls_key"]
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(
+        long,
+        env = "CINDERBLOCK_AGENT_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Name to check the agent's certificate against instead of the endpoint's host.
+    #[arg(
+        long,
+        env = "CINDERBLOCK_AGENT_TLS_SERVER_NAME",
+        value_name = "NAME",
+        requires = "tls_ca"
+    )]
+    pub tls_server_name: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table, global = true)]
     pub output: OutputFormat,
@@ -213,9 +242,27 @@ fn volume_rows(vols: &[pb::Volume]) -> Vec<Vec<String>> {
     rows
 }
 
+/// The TLS settings of the flags, read now (`None` without `--tls-ca`).
+fn client_tls(args: &AgentCtlArgs) -> Result<Option<ClientTls>, OpsError> {
+    let Some(ca) = &args.tls_ca else {
+        return Ok(None);
+    };
+    let identity = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+        _ => None,
+    };
+    Ok(Some(ClientTls::load(
+        ca,
+        identity,
+        args.tls_server_name.as_deref(),
+    )?))
+}
+
 /// Runs one agent operation and prints its answer.
 pub async fn run(args: AgentCtlArgs) -> Result<(), OpsError> {
-    let mut c = AgentClient::new(transport::connect(&args.agent, false).await?);
+    let tls = client_tls(&args)?;
+    let channel = transport::connect_tls(&args.agent, false, tls.as_ref()).await?;
+    let mut c = AgentClient::new(channel);
     let out = args.output;
     match args.command {
         AgentCtl::Info => {

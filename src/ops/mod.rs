@@ -19,6 +19,9 @@ pub enum OpsError {
     /// The endpoint could not be reached.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The TLS files given are unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The server answered with an error.
     #[error("{rpc} failed: {code:?}: {message}")]
     Rpc {
