@@ -144,10 +144,23 @@ pub enum AgentCtl {
 }
 
 fn rpc(name: &'static str) -> impl Fn(tonic::Status) -> OpsError {
-    move |s| OpsError::Rpc {
-        rpc: name,
-        code: s.code(),
-        message: s.message().to_owned(),
+    move |s| super::rpc_failure(name, s)
+}
+
+/// What to suggest when a call to a `tcp://` agent failed below gRPC. The agent's TLS
+/// refusals reach the client as a closed connection, so the flags given are the only clue.
+fn connection_hint(args: &AgentCtlArgs) -> &'static str {
+    match (&args.agent, &args.tls_ca, &args.tls_cert) {
+        (Endpoint::Unix(_), _, _) => "",
+        (Endpoint::Tcp(_), None, _) => {
+            " (if the agent serves TLS, give --tls-ca, --tls-cert and --tls-key)"
+        }
+        (Endpoint::Tcp(_), Some(_), None) => {
+            " (the agent requires a client certificate: give --tls-cert and --tls-key)"
+        }
+        (Endpoint::Tcp(_), Some(_), Some(_)) => {
+            " (the agent may not trust this client certificate: is it signed by the agent's client_ca_file?)"
+        }
     }
 }
 
@@ -262,9 +275,23 @@ fn client_tls(args: &AgentCtlArgs) -> Result<Option<ClientTls>, OpsError> {
 pub async fn run(args: AgentCtlArgs) -> Result<(), OpsError> {
     let tls = client_tls(&args)?;
     let channel = transport::connect_tls(&args.agent, false, tls.as_ref()).await?;
-    let mut c = AgentClient::new(channel);
-    let out = args.output;
-    match args.command {
+    let hint = connection_hint(&args);
+    call(AgentClient::new(channel), args.output, args.command)
+        .await
+        .map_err(|e| match e {
+            OpsError::Connection { rpc, message, .. } => {
+                OpsError::Connection { rpc, message, hint }
+            }
+            other => other,
+        })
+}
+
+async fn call(
+    mut c: AgentClient<tonic::transport::Channel>,
+    out: OutputFormat,
+    command: AgentCtl,
+) -> Result<(), OpsError> {
+    match command {
         AgentCtl::Info => {
             let i = c
                 .get_info(pb::GetInfoRequest {})
