@@ -172,6 +172,14 @@ fn cap_text(c: &Option<pb::Capacity>) -> String {
     }
 }
 
+/// A capacity in bytes, `None` when unknown or infinite (JSON `null`).
+fn cap_bytes(c: &Option<pb::Capacity>) -> Option<u64> {
+    match c.as_ref().and_then(|c| c.value.as_ref()) {
+        Some(pb::capacity::Value::Bytes(b)) => Some(*b),
+        _ => None,
+    }
+}
+
 fn status_text(s: i32) -> String {
     pb::VolumeStatus::try_from(s)
         .map(|s| {
@@ -353,7 +361,8 @@ async fn call(
                     },
                 ]);
                 js.push(json!({"name": p.name, "kind": kind, "zone": p.zone, "total": cap_text(&p.total),
-                    "free": cap_text(&p.free), "provisioned_bytes": p.provisioned_bytes, "allocated_bytes": p.allocated_bytes,
+                    "free": cap_text(&p.free), "total_bytes": cap_bytes(&p.total), "free_bytes": cap_bytes(&p.free),
+                    "provisioned_bytes": p.provisioned_bytes, "allocated_bytes": p.allocated_bytes,
                     "volumes": p.volume_count, "snapshots": p.snapshot_count, "healthy": p.healthy,
                     "capabilities": p.capabilities.iter().collect::<BTreeMap<_, _>>(), "portals": p.portals}));
             }
