@@ -136,6 +136,9 @@ pub struct AgentFlags {
     /// File with the master key that per-volume CHAP secrets are derived from.
     #[arg(long, env = "CINDERBLOCK_CHAP_KEY_FILE", value_name = "FILE")]
     pub chap_key_file: Option<PathBuf>,
+    /// Serve Prometheus metrics on http://ADDR:PORT/metrics.
+    #[arg(long, env = "CINDERBLOCK_METRICS_LISTEN", value_name = "ADDR:PORT")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 /// `cinderblock all`.
@@ -197,6 +200,9 @@ impl AgentFlags {
         }
         if let Some(v) = &self.chap_key_file {
             cfg.chap_key_file = Some(v.clone());
+        }
+        if let Some(v) = self.metrics_listen {
+            cfg.metrics_listen = Some(v);
         }
     }
 }

@@ -144,6 +144,9 @@ pub struct ControllerConfig {
     /// How often pool statistics are refreshed from the agents, in seconds (Cinder's
     /// periodic volume stats report; placements are charged in memory in between).
     pub stats_interval_secs: u64,
+    /// TLS credentials for every agent reached over `tcp://` (`[agent_tls]`); agents on
+    /// `unix://` sockets are dialled in plain text.
+    pub agent_tls: Option<AgentClientTlsConfig>,
 }
 
 impl Default for ControllerConfig {
@@ -157,6 +160,7 @@ impl Default for ControllerConfig {
             volume_types,
             scheduler: crate::scheduler::SchedulerConfig::default(),
             stats_interval_secs: 10,
+            agent_tls: None,
         }
     }
 }
@@ -185,6 +189,9 @@ impl ControllerConfig {
                 "must be at least 1",
             ));
         }
+        if let Some(tls) = &self.agent_tls {
+            tls.validate(&format!("{prefix}agent_tls."))?;
+        }
         if let Err(e) = self.scheduler.validate() {
             return Err(invalid(format!("{prefix}scheduler"), e.to_string()));
         }
@@ -196,6 +203,75 @@ impl ControllerConfig {
                     self.default_volume_type
                 ),
             ));
+        }
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// TLS of the agent API
+
+/// Mutual TLS of the agent API (`[tls]` of the agent, `[agent.tls]` of `all`): the agent
+/// presents `cert_file` and accepts only clients whose certificate chains to
+/// `client_ca_file`. Only `tcp://` listeners: a Unix socket stays plain (its file mode is
+/// the access control).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentTlsConfig {
+    /// The agent's certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// The agent's private key (PEM, PKCS#8, SEC1 or PKCS#1).
+    pub key_file: PathBuf,
+    /// CA certificate(s) (PEM) that client certificates must chain to; required, so a
+    /// client without a certificate is refused.
+    pub client_ca_file: PathBuf,
+}
+
+impl AgentTlsConfig {
+    fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        for (key, path) in [
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+            ("client_ca_file", &self.client_ca_file),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(format!("{prefix}{key}"), "must not be empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How a client of the agent API verifies agents and proves who it is (`[agent_tls]` of the
+/// controller): used for every `tcp://` agent endpoint.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentClientTlsConfig {
+    /// CA certificate(s) (PEM) that agent certificates must chain to.
+    pub ca_file: PathBuf,
+    /// The client certificate chain (PEM) presented to agents.
+    pub cert_file: PathBuf,
+    /// The client's private key (PEM).
+    pub key_file: PathBuf,
+    /// Name checked against the agents' certificates instead of each endpoint's host (for
+    /// agents reached by IP with certificates that name a DNS name).
+    #[serde(default)]
+    pub server_name: Option<String>,
+}
+
+impl AgentClientTlsConfig {
+    fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        for (key, path) in [
+            ("ca_file", &self.ca_file),
+            ("cert_file", &self.cert_file),
+            ("key_file", &self.key_file),
+        ] {
+            if path.as_os_str().is_empty() {
+                return Err(invalid(format!("{prefix}{key}"), "must not be empty"));
+            }
+        }
+        if self.server_name.as_deref() == Some("") {
+            return Err(invalid(format!("{prefix}server_name"), "must not be empty"));
         }
         Ok(())
     }
@@ -312,6 +388,13 @@ pub struct AgentConfig {
     pub tgt: TgtConfig,
     /// File holding the node-local master key that per-volume CHAP secrets derive from.
     pub chap_key_file: Option<PathBuf>,
+    /// Mutual TLS of the agent API (`tcp://` listeners only); plain text when absent.
+    pub tls: Option<AgentTlsConfig>,
+    /// Where the Prometheus metrics endpoint listens (`GET /metrics`, "address:port");
+    /// off when absent.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// How often tgtd's targets are reconciled with the volumes' records, in seconds.
+    pub reconcile_interval_secs: u64,
     /// Pools served.
     pub pools: Vec<PoolConfig>,
 }
@@ -323,6 +406,9 @@ impl Default for AgentConfig {
             listen: default_agent_listen(),
             tgt: TgtConfig::default(),
             chap_key_file: None,
+            tls: None,
+            metrics_listen: None,
+            reconcile_interval_secs: 10,
             pools: Vec::new(),
         }
     }
@@ -338,6 +424,21 @@ impl AgentConfig {
             return Err(invalid(
                 format!("{prefix}tgt.control_port"),
                 "tgtadm accepts 0..=32767",
+            ));
+        }
+        if let Some(tls) = &self.tls {
+            if let Endpoint::Unix(_) = self.listen {
+                return Err(invalid(
+                    format!("{prefix}tls"),
+                    "TLS is served on tcp:// listeners only; a unix socket stays plain",
+                ));
+            }
+            tls.validate(&format!("{prefix}tls."))?;
+        }
+        if self.reconcile_interval_secs == 0 {
+            return Err(invalid(
+                format!("{prefix}reconcile_interval_secs"),
+                "must be at least 1",
             ));
         }
         let mut names = BTreeSet::new();
@@ -482,6 +583,16 @@ impl AllConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.controller.validate("controller.")?;
         self.agent.validate("agent.")?;
+        // With no agents listed, the controller dials the agent of this process.
+        if self.agent.tls.is_some()
+            && self.controller.agents.is_empty()
+            && self.controller.agent_tls.is_none()
+        {
+            return Err(invalid(
+                "controller.agent_tls",
+                "the agent serves TLS ([agent.tls]): the controller needs a CA and a client certificate to reach it",
+            ));
+        }
         self.node.validate("node.")
     }
 }
@@ -593,6 +704,91 @@ mod tests {
                 other => panic!("{text}: {other:?}"),
             }
         }
+    }
+
+    #[test]
+    fn tls_metrics_and_interval() {
+        let cfg: AgentConfig = parse_str(
+            "listen = \"tcp://0.0.0.0:9700\"\nmetrics_listen = \"127.0.0.1:9701\"\n\
+             reconcile_interval_secs = 1\n\
+             [tls]\ncert_file = \"/c.pem\"\nkey_file = \"/k.pem\"\nclient_ca_file = \"/ca.pem\"\n",
+        )
+        .unwrap();
+        cfg.validate("").unwrap();
+        assert_eq!(
+            (
+                cfg.metrics_listen.map(|a| a.to_string()),
+                cfg.reconcile_interval_secs,
+                cfg.tls.map(|t| t.client_ca_file)
+            ),
+            (
+                Some("127.0.0.1:9701".to_owned()),
+                1,
+                Some(PathBuf::from("/ca.pem"))
+            )
+        );
+
+        let msg = parse_str::<AgentConfig>("metrics_listen = \"localhost\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.starts_with("t.toml:1: invalid socket address"), "{msg}");
+        let msg = parse_str::<AgentConfig>("[tls]\ncert_file = \"/c.pem\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(msg.contains("missing field `key_file`"), "{msg}");
+
+        let tls = "[tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\nclient_ca_file = \"/ca\"\n";
+        let cases = [
+            (
+                format!("listen = \"unix:///run/a.sock\"\n{tls}"),
+                "agent.tls",
+            ),
+            (
+                "[tls]\ncert_file = \"\"\nkey_file = \"/k\"\nclient_ca_file = \"/ca\"\n".into(),
+                "agent.tls.cert_file",
+            ),
+            (
+                "reconcile_interval_secs = 0\n".into(),
+                "agent.reconcile_interval_secs",
+            ),
+        ];
+        for (text, key) in cases {
+            let cfg: AgentConfig = parse_str(&text).unwrap();
+            match cfg.validate("agent.") {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn controller_agent_tls() {
+        let text = "[agent_tls]\nca_file = \"/ca\"\ncert_file = \"/c\"\nkey_file = \"/k\"\n";
+        let cfg: ControllerConfig = parse_str(text).unwrap();
+        cfg.validate("").unwrap();
+        assert_eq!(cfg.agent_tls.map(|t| t.server_name), Some(None));
+        let cfg: ControllerConfig = parse_str(&format!("{text}server_name = \"\"\n")).unwrap();
+        match cfg.validate("controller.") {
+            Err(ConfigError::Invalid { key, .. }) => {
+                assert_eq!(key, "controller.agent_tls.server_name")
+            }
+            other => panic!("{other:?}"),
+        }
+
+        // `all` with a TLS agent and no agents listed: the controller dials that agent and
+        // needs credentials for it.
+        let all = "[agent]\nlisten = \"tcp://127.0.0.1:9700\"\n\
+                   [agent.tls]\ncert_file = \"/c\"\nkey_file = \"/k\"\nclient_ca_file = \"/ca\"\n";
+        let cfg: AllConfig = parse_str(all).unwrap();
+        match cfg.validate() {
+            Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "controller.agent_tls"),
+            other => panic!("{other:?}"),
+        }
+        let cfg: AllConfig = parse_str(&format!(
+            "{all}[controller.agent_tls]\nca_file = \"/ca\"\ncert_file = \"/c\"\nkey_file = \"/k\"\n"
+        ))
+        .unwrap();
+        cfg.validate().unwrap();
     }
 
     #[test]

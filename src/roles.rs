@@ -9,6 +9,7 @@ use tonic::transport::Server;
 use crate::agent::chap::ChapKey;
 use crate::agent::service::AgentService;
 use crate::agent_rpc::client::{GrpcAgent, StorageAgent};
+use crate::agent_rpc::metrics::{AgentMetrics, Counted, RpcCounts};
 use crate::agent_rpc::server::AgentApi;
 use crate::config::{AgentConfig, AgentRef, AllConfig, ControllerConfig, NodeConfig};
 use crate::controller::{Controller, ControllerError, Settings};
@@ -16,11 +17,13 @@ use crate::csi::controller::ControllerService;
 use crate::csi::identity::{IdentityService, Services};
 use crate::exec::Runner;
 use crate::health::{self, Dependency, HealthError, Readiness};
+use crate::metrics::{self, MetricsError};
 use crate::proto::agent::agent_server::AgentServer;
 use crate::proto::csi::controller_server::ControllerServer;
 use crate::proto::csi::identity_client::IdentityClient;
 use crate::proto::csi::identity_server::IdentityServer;
 use crate::proto::csi::ProbeRequest;
+use crate::tls::{self, ClientTls, TlsError};
 use crate::transport::{self, Endpoint, TransportError};
 
 /// Errors that stop a role.
@@ -46,6 +49,12 @@ pub enum RoleError {
     /// The controller's configuration is unusable (scheduler, volume types).
     #[error("controller configuration")]
     Controller(#[from] ControllerError),
+    /// TLS certificates or keys are unusable.
+    #[error("TLS setup failed")]
+    Tls(#[from] TlsError),
+    /// The metrics endpoint could not listen.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
 }
 
 /// At least one configured storage agent answers its Identity `Probe` with ready.
@@ -55,11 +64,15 @@ pub struct AgentsReachable {
 }
 
 impl AgentsReachable {
-    /// Lazily connected channels to every agent (they may start after the controller).
-    pub async fn new(agents: &[AgentRef]) -> Result<Self, TransportError> {
+    /// Lazily connected channels to every agent (they may start after the controller), over
+    /// TLS to `tcp://` agents when `tls` is given.
+    pub async fn new(agents: &[AgentRef], tls: Option<&ClientTls>) -> Result<Self, TransportError> {
         let mut out = Vec::with_capacity(agents.len());
         for a in agents {
-            out.push((a.clone(), transport::connect(&a.endpoint, true).await?));
+            out.push((
+                a.clone(),
+                transport::connect_tls(&a.endpoint, true, tls).await?,
+            ));
         }
         Ok(AgentsReachable { agents: out })
     }
@@ -95,13 +108,16 @@ pub async fn run_controller(
     cfg: ControllerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), RoleError> {
-    let readiness = Readiness::default().with(Arc::new(AgentsReachable::new(&cfg.agents).await?));
+    let tls = agent_tls(&cfg)?;
+    let readiness = Readiness::default().with(Arc::new(
+        AgentsReachable::new(&cfg.agents, tls.as_ref()).await?,
+    ));
     let services = Services {
         controller: true,
         node: false,
     };
-    tracing::info!(endpoint = %cfg.endpoint, agents = cfg.agents.len(), "controller serving");
-    let controller = controller_service(&cfg, shutdown.clone()).await?;
+    tracing::info!(endpoint = %cfg.endpoint, agents = cfg.agents.len(), agent_tls = tls.is_some(), "controller serving");
+    let controller = controller_service(&cfg, tls.as_ref(), shutdown.clone()).await?;
     let router = Server::builder()
         .add_service(identity(services, readiness))
         .add_service(controller);
@@ -114,16 +130,28 @@ pub async fn run_controller(
 /// `stats_interval_secs`) until `shutdown`.
 async fn controller_service(
     cfg: &ControllerConfig,
+    tls: Option<&ClientTls>,
     shutdown: CancellationToken,
 ) -> Result<ControllerServer<ControllerService>, RoleError> {
     let mut agents: Vec<Arc<dyn StorageAgent>> = Vec::with_capacity(cfg.agents.len());
     for a in &cfg.agents {
-        agents.push(Arc::new(GrpcAgent::connect(&a.name, &a.endpoint).await?));
+        agents.push(Arc::new(
+            GrpcAgent::connect(&a.name, &a.endpoint, tls).await?,
+        ));
     }
     let controller = Arc::new(Controller::new(Settings::from_config(cfg), agents)?);
     let interval = Duration::from_secs(cfg.stats_interval_secs.max(1));
     tokio::spawn(controller.clone().run_refresh(interval, shutdown));
     Ok(ControllerServer::new(ControllerService::new(controller)))
+}
+
+/// The controller's TLS credentials for agents (`[agent_tls]`), read now.
+fn agent_tls(cfg: &ControllerConfig) -> Result<Option<ClientTls>, RoleError> {
+    Ok(cfg
+        .agent_tls
+        .as_ref()
+        .map(ClientTls::from_config)
+        .transpose()?)
 }
 
 /// `cinderblock node`.
@@ -153,9 +181,6 @@ impl Dependency for AgentReady {
     }
 }
 
-/// How often the agent reconciles tgtd's targets with the volumes' records.
-const RECONCILE_EVERY: Duration = Duration::from_secs(10);
-
 fn chap_key(cfg: &AgentConfig) -> Result<ChapKey, RoleError> {
     let Some(path) = &cfg.chap_key_file else {
         tracing::warn!(
@@ -177,29 +202,63 @@ fn chap_key(cfg: &AgentConfig) -> Result<ChapKey, RoleError> {
 }
 
 /// `cinderblock agent`: the agent API and an Identity service (Probe = tgtd answering and
-/// every pool readable). Pools are opened and exports reconciled before serving.
+/// every pool readable), with mutual TLS when `[tls]` is set; the metrics endpoint when
+/// `metrics_listen` is set. Pools are opened and exports reconciled before serving.
 pub async fn run_agent(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), RoleError> {
+    // Everything that can be wrong with the configuration fails before any I/O on pools.
+    let mut server = tls::server_builder(cfg.tls.as_ref())?;
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let agent = Arc::new(AgentService::new(&cfg, Runner::default(), chap_key(&cfg)?)?);
     if let Err(e) = agent.start().await {
         // tgtd may come up later: serve anyway (Probe says not ready) and let the
         // reconciliation loop catch up.
         tracing::warn!(error = %e, "initial reconciliation failed; retrying in the background");
     }
-    let reconciler = tokio::spawn(
-        agent
-            .clone()
-            .reconcile_loop(RECONCILE_EVERY, shutdown.clone()),
-    );
+    let every = Duration::from_secs(cfg.reconcile_interval_secs.max(1));
+    let reconciler = tokio::spawn(agent.clone().reconcile_loop(every, shutdown.clone()));
+    let rpcs = Arc::new(RpcCounts::default());
+    if let Some(listener) = metrics_listener {
+        let collector = Arc::new(AgentMetrics::new(agent.clone(), rpcs.clone()));
+        tokio::spawn(metrics::serve(listener, collector, shutdown.clone()));
+    }
+    warn_if_plain(&cfg);
     let readiness = Readiness::default().with(Arc::new(AgentReady(agent.clone())));
-    tracing::info!(listen = %cfg.listen, agent = %cfg.name, pools = cfg.pools.len(), "agent serving");
-    let router = Server::builder()
-        .add_service(identity(Services::default(), readiness))
-        .add_service(AgentServer::new(AgentApi::new(agent)).max_decoding_message_size(64 << 20));
+    tracing::info!(listen = %cfg.listen, agent = %cfg.name, pools = cfg.pools.len(), tls = cfg.tls.is_some(), "agent serving");
+    let router = server
+        .add_service(Counted::new(
+            identity(Services::default(), readiness),
+            rpcs.clone(),
+        ))
+        .add_service(Counted::new(
+            AgentServer::new(AgentApi::new(agent)).max_decoding_message_size(64 << 20),
+            rpcs,
+        ));
     let served = transport::serve(router, &cfg.listen, shutdown.clone()).await;
     shutdown.cancel();
     reconciler.await?;
     served?;
     Ok(())
+}
+
+/// Warns when the agent API is served in plain text beyond this host: whoever reaches the
+/// port can create, export and read volumes.
+fn warn_if_plain(cfg: &AgentConfig) {
+    let Endpoint::Tcp(addr) = &cfg.listen else {
+        return;
+    };
+    if cfg.tls.is_some() {
+        return;
+    }
+    let loopback = addr
+        .parse::<std::net::SocketAddr>()
+        .map(|a| a.ip().is_loopback())
+        .unwrap_or_else(|_| addr.starts_with("localhost:"));
+    if !loopback {
+        tracing::warn!(listen = %cfg.listen, "agent API served without TLS beyond this host: configure [tls] (mutual TLS)");
+    }
 }
 
 /// `cinderblock all`: agent on its own listener, controller (and node) on the CSI endpoint.
@@ -220,9 +279,10 @@ pub async fn run_all(
     }
     let agent = tokio::spawn(run_agent(cfg.agent.clone(), shutdown.clone()));
 
+    let tls = agent_tls(&cfg.controller)?;
     let mut readiness = Readiness::default()
         .with(Arc::new(
-            AgentsReachable::new(&cfg.controller.agents).await?,
+            AgentsReachable::new(&cfg.controller.agents, tls.as_ref()).await?,
         ))
         .with(Arc::new(health::Tgtd::new(
             Runner::default(),
@@ -236,7 +296,7 @@ pub async fn run_all(
         node: !without_node,
     };
     tracing::info!(%endpoint, node = !without_node, "all-in-one serving");
-    let controller = controller_service(&cfg.controller, shutdown.clone()).await?;
+    let controller = controller_service(&cfg.controller, tls.as_ref(), shutdown.clone()).await?;
     let router = Server::builder()
         .add_service(identity(services, readiness))
         .add_service(controller);

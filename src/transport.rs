@@ -12,6 +12,8 @@ use hyper_util::rt::TokioIo;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::tls::ClientTls;
+
 /// Errors of endpoint parsing, listening and dialling.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -35,6 +37,15 @@ pub enum TransportError {
     /// The gRPC server stopped with an error.
     #[error("gRPC server on {endpoint} failed")]
     Serve {
+        /// The endpoint.
+        endpoint: Endpoint,
+        /// The transport error.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// The client TLS configuration could not be applied to the endpoint.
+    #[error("TLS configuration for {endpoint} rejected")]
+    Tls {
         /// The endpoint.
         endpoint: Endpoint,
         /// The transport error.
@@ -193,19 +204,38 @@ pub async fn local_tcp_addr(addr: &str) -> std::io::Result<SocketAddr> {
 /// Opens a gRPC channel to `endpoint`. The connection is made lazily when `lazy` is true
 /// (controllers keep channels to agents that may come up later).
 pub async fn connect(endpoint: &Endpoint, lazy: bool) -> Result<Channel, TransportError> {
+    connect_tls(endpoint, lazy, None).await
+}
+
+/// [`connect`], with TLS on a `tcp://` endpoint when `tls` is given. A `unix://` endpoint is
+/// always dialled in plain text (`tls` does not apply to it; see `crate::tls`).
+pub async fn connect_tls(
+    endpoint: &Endpoint,
+    lazy: bool,
+    tls: Option<&ClientTls>,
+) -> Result<Channel, TransportError> {
     let conn_err = |source| TransportError::Connect {
         endpoint: endpoint.clone(),
         source,
     };
     match endpoint {
         Endpoint::Tcp(addr) => {
-            let ep = Channel::from_shared(format!("http://{addr}"))
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let mut ep = Channel::from_shared(format!("{scheme}://{addr}"))
                 .map_err(|_| TransportError::InvalidEndpoint {
                     text: endpoint.to_string(),
                     reason: "not a valid URI authority",
                 })?
                 .connect_timeout(Duration::from_secs(5))
                 .tcp_nodelay(true);
+            if let Some(tls) = tls {
+                ep = ep
+                    .tls_config(tls.config().clone())
+                    .map_err(|source| TransportError::Tls {
+                        endpoint: endpoint.clone(),
+                        source,
+                    })?;
+            }
             if lazy {
                 Ok(ep.connect_lazy())
             } else {

@@ -105,3 +105,335 @@ fn guests_have_the_kernel_data_path_and_a_known_initiator_name() {
         assert_eq!((code, out), (Some(0), want), "guest {vm}");
     }
 }
+
+// ---------------------------------------------------------------------------------------
+// The controller on the host, in front of the agents of both storage VMs (issue 5).
+
+mod controller_on_lvm {
+    use std::collections::HashMap;
+    use std::process::{Child, Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    use cinderblock::csi::TOPOLOGY_ZONE_KEY;
+    use cinderblock::proto::csi as pb;
+    use cinderblock::proto::csi::controller_client::ControllerClient;
+    use cinderblock::transport::{self, Endpoint};
+    use pb::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
+    use tonic::Code;
+
+    use super::{env, vm_exec};
+
+    type Client = ControllerClient<tonic::transport::Channel>;
+
+    const MIB: i64 = 1 << 20;
+
+    /// The host's controller process; killed on drop, its log kept for failure messages.
+    struct Controller {
+        child: Child,
+        log: std::path::PathBuf,
+        socket: std::path::PathBuf,
+        _dir: tempfile::TempDir,
+    }
+
+    impl Drop for Controller {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    impl Controller {
+        fn start() -> Controller {
+            let dir = tempfile::tempdir().unwrap();
+            let config = dir.path().join("controller.toml");
+            std::fs::write(
+                &config,
+                r#"default_volume_type = "thick"
+stats_interval_secs = 2
+[volume_types.thick]
+extra_specs = { media = "hdd" }
+[volume_types.thin]
+extra_specs = { media = "ssd" }
+"#,
+            )
+            .unwrap();
+            let socket = dir.path().join("csi.sock");
+            let log = dir.path().join("controller.log");
+            let out = std::fs::File::create(&log).unwrap();
+            let child = Command::new(env!("CARGO_BIN_EXE_cinderblock"))
+                .arg("controller")
+                .arg("--config")
+                .arg(&config)
+                .arg("--endpoint")
+                .arg(format!("unix://{}", socket.display()))
+                .arg("--agent")
+                .arg(format!("stor=tcp://{}", env("CINDERBLOCK_E2E_STOR_AGENT")))
+                .arg("--agent")
+                .arg(format!("comp=tcp://{}", env("CINDERBLOCK_E2E_COMP_AGENT")))
+                .env("CINDERBLOCK_LOG_LEVEL", "info")
+                .stdin(Stdio::null())
+                .stdout(out.try_clone().unwrap())
+                .stderr(out)
+                .spawn()
+                .unwrap();
+            Controller {
+                child,
+                log,
+                socket,
+                _dir: dir,
+            }
+        }
+
+        fn log_text(&self) -> String {
+            std::fs::read_to_string(&self.log).unwrap_or_default()
+        }
+
+        async fn client(&self) -> Client {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !self.socket.exists() {
+                assert!(Instant::now() < deadline, "no socket:\n{}", self.log_text());
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let ep = Endpoint::Unix(self.socket.clone());
+            ControllerClient::new(transport::connect(&ep, false).await.unwrap())
+        }
+    }
+
+    fn mount() -> pb::VolumeCapability {
+        pb::VolumeCapability {
+            access_type: Some(AccessType::Mount(MountVolume {
+                fs_type: "ext4".into(),
+                ..Default::default()
+            })),
+            access_mode: Some(AccessMode {
+                mode: Mode::SingleNodeWriter as i32,
+            }),
+        }
+    }
+
+    fn in_zone(zone: &str) -> pb::TopologyRequirement {
+        let t = pb::Topology {
+            segments: HashMap::from([(TOPOLOGY_ZONE_KEY.to_string(), zone.to_string())]),
+        };
+        pb::TopologyRequirement {
+            requisite: vec![t.clone()],
+            preferred: vec![t],
+        }
+    }
+
+    fn req(name: &str, vtype: &str, zone: &str, bytes: i64) -> pb::CreateVolumeRequest {
+        pb::CreateVolumeRequest {
+            name: name.into(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: bytes,
+                limit_bytes: 0,
+            }),
+            volume_capabilities: vec![mount()],
+            parameters: HashMap::from([("type".to_string(), vtype.to_string())]),
+            accessibility_requirements: Some(in_zone(zone)),
+            ..Default::default()
+        }
+    }
+
+    fn zone_of(v: &pb::Volume) -> String {
+        v.accessible_topology
+            .first()
+            .and_then(|t| t.segments.get(TOPOLOGY_ZONE_KEY).cloned())
+            .unwrap_or_default()
+    }
+
+    /// Runs `cmd` in `vm`, asserting success; returns its output.
+    fn sh(vm: &str, cmd: &str) -> String {
+        let (code, out) = vm_exec(vm, cmd);
+        assert_eq!(code, Some(0), "[{vm}] {cmd}\n{out}");
+        out
+    }
+
+    /// sha256 of the first 8 MiB of a volume's LV in `vm` (thick or thin pool: same VG).
+    fn sha8(vm: &str, id: &str) -> String {
+        sh(
+            vm,
+            &format!("dd if=/dev/cinder-volumes/volume-{id} bs=1M count=8 iflag=direct status=none | sha256sum | cut -c1-64"),
+        )
+    }
+
+    /// The guest whose VG holds volume `id`.
+    fn holder(id: &str) -> Vec<String> {
+        ["stor", "comp"]
+            .into_iter()
+            .filter(|vm| vm_exec(vm, &format!("lvs cinder-volumes/volume-{id}")).0 == Some(0))
+            .map(String::from)
+            .collect()
+    }
+
+    async fn wait_both_pools(c: &mut Client, ctl: &Controller) {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        for zone in ["z-stor", "z-comp"] {
+            loop {
+                let cap = c
+                    .get_capacity(pb::GetCapacityRequest {
+                        accessible_topology: Some(pb::Topology {
+                            segments: HashMap::from([(
+                                TOPOLOGY_ZONE_KEY.to_string(),
+                                zone.to_string(),
+                            )]),
+                        }),
+                        ..Default::default()
+                    })
+                    .await;
+                if matches!(&cap, Ok(r) if r.get_ref().available_capacity > 0) {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "no capacity in {zone}: {cap:?}\n{}",
+                    ctl.log_text()
+                );
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the e2e VMs (make e2e)"]
+    async fn lifecycle_across_two_storage_vms_on_lvm() {
+        let ctl = Controller::start();
+        let mut c = ctl.client().await;
+        wait_both_pools(&mut c, &ctl).await;
+
+        // Create on the storage VM's thick pool, write a pattern on the LV.
+        let a = c
+            .create_volume(req("e2e-a", "thick", "z-stor", 62 * MIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!((zone_of(&a), a.capacity_bytes), ("z-stor".into(), 64 * MIB));
+        let id_a = a.volume_id.clone();
+        assert_eq!(holder(&id_a), ["stor"]);
+        let sha = sh(
+            "stor",
+            &format!("dd if=/dev/urandom of=/dev/cinder-volumes/volume-{id_a} bs=1M count=8 oflag=direct conv=fsync status=none && echo ok"),
+        );
+        assert_eq!(sha, "ok");
+        let sha = sha8("stor", &id_a);
+
+        // Idempotent retry: same answer.
+        let again = c
+            .create_volume(req("e2e-a", "thick", "z-stor", 62 * MIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(again.volume_id, id_a);
+
+        // Snapshot, and a volume restored from it on the same pool.
+        let snap = c
+            .create_snapshot(pb::CreateSnapshotRequest {
+                source_volume_id: id_a.clone(),
+                name: "e2e-a-snap".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+            .unwrap();
+        assert!(snap.ready_to_use);
+        let mut r = req("e2e-b", "thick", "z-stor", 64 * MIB);
+        r.volume_content_source = Some(pb::VolumeContentSource {
+            r#type: Some(pb::volume_content_source::Type::Snapshot(
+                pb::volume_content_source::SnapshotSource {
+                    snapshot_id: snap.snapshot_id.clone(),
+                },
+            )),
+        });
+        let b = c.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+        assert_eq!(sha8("stor", &b.volume_id), sha, "restored from the snapshot");
+
+        // Clone across nodes: the source on stor, the clone must live on comp.
+        let mut r = req("e2e-c", "thick", "z-comp", 64 * MIB);
+        r.volume_content_source = Some(pb::VolumeContentSource {
+            r#type: Some(pb::volume_content_source::Type::Volume(
+                pb::volume_content_source::VolumeSource {
+                    volume_id: id_a.clone(),
+                },
+            )),
+        });
+        let cl = c.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+        assert_eq!(zone_of(&cl), "z-comp");
+        assert_eq!(holder(&cl.volume_id), ["comp"]);
+        assert_eq!(sha8("comp", &cl.volume_id), sha, "cloned across nodes");
+
+        // Expand a thick origin that has a snapshot (not exported: allowed).
+        let grown = c
+            .controller_expand_volume(pb::ControllerExpandVolumeRequest {
+                volume_id: id_a.clone(),
+                capacity_range: Some(pb::CapacityRange {
+                    required_bytes: 128 * MIB,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(mount()),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!((grown.capacity_bytes, grown.node_expansion_required), (128 * MIB, true));
+        assert_eq!(
+            sh("stor", &format!("blockdev --getsize64 /dev/cinder-volumes/volume-{id_a}")),
+            (128 * MIB).to_string()
+        );
+        assert_eq!(sha8("stor", &id_a), sha, "data kept by the expand");
+
+        // Retype the clone thick -> thin: its pool has no media=ssd, so it migrates.
+        c.controller_modify_volume(pb::ControllerModifyVolumeRequest {
+            volume_id: cl.volume_id.clone(),
+            mutable_parameters: HashMap::from([("type".to_string(), "thin".to_string())]),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let now_on = holder(&cl.volume_id);
+        assert_eq!(now_on.len(), 1, "exactly one copy after the migration: {now_on:?}");
+        let lv_pool = sh(
+            &now_on[0],
+            &format!("lvs --noheadings -o pool_lv cinder-volumes/volume-{} | tr -d ' '", cl.volume_id),
+        );
+        assert_eq!(lv_pool, "pool0", "migrated into the thin pool");
+        assert_eq!(sha8(&now_on[0], &cl.volume_id), sha, "migrated with its bytes");
+
+        // Cinder's delete rules.
+        let err = c
+            .delete_volume(pb::DeleteVolumeRequest {
+                volume_id: id_a.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+        c.delete_snapshot(pb::DeleteSnapshotRequest {
+            snapshot_id: snap.snapshot_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        for id in [&id_a, &b.volume_id, &cl.volume_id, &id_a] {
+            c.delete_volume(pb::DeleteVolumeRequest {
+                volume_id: id.clone(),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("delete {id}: {e:?}\n{}", ctl.log_text()));
+        }
+        for vm in ["stor", "comp"] {
+            assert_eq!(
+                sh(vm, "lvs --noheadings -o lv_name cinder-volumes | grep -c -e volume- -e _snapshot- || true"),
+                "0",
+                "{vm}: LVs left"
+            );
+        }
+    }
+}

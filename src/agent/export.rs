@@ -82,6 +82,17 @@ pub struct Drift {
     pub failed: Vec<(VolumeId, AgentError)>,
 }
 
+/// Which tgtd process answers: the identity of its control socket file, which every start
+/// of tgtd re-creates (see `exec::tgtadm`). Two different values mean tgtd restarted in
+/// between (and forgot every target).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TgtdInstance {
+    dev: u64,
+    ino: u64,
+    ctime_sec: i64,
+    ctime_nsec: i64,
+}
+
 /// A target of ours as tgtd has it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TargetState {
@@ -229,6 +240,19 @@ impl Exports {
             seq: AtomicU64::new(0),
             touched: StdMutex::new(HashMap::new()),
         }
+    }
+
+    /// The tgtd instance behind the control socket, or `None` when its socket file cannot be
+    /// seen from here (tgtd never started, or another mount namespace).
+    pub async fn tgtd_instance(&self) -> Option<TgtdInstance> {
+        use std::os::unix::fs::MetadataExt;
+        let m = tokio::fs::metadata(self.tgtadm.socket_path()).await.ok()?;
+        Some(TgtdInstance {
+            dev: m.dev(),
+            ino: m.ino(),
+            ctime_sec: m.ctime(),
+            ctime_nsec: m.ctime_nsec(),
+        })
     }
 
     /// Ok when tgtd answers; [`AgentError::TgtUnavailable`] when it does not.

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
@@ -16,11 +16,12 @@ use super::backend::{
     Backend, NewSnapshot, NewVolume, PoolStats, SnapshotRecord, Source, VolumeRecord,
 };
 use super::chap::{ChapCredentials, ChapKey};
-use super::export::{DesiredExport, Exports};
+use super::export::{DesiredExport, Exports, TgtdInstance};
 use super::guard::{Guard, Guards};
 use super::{file::FilePool, lvm::LvmPool, AgentError, Iqn, SnapshotId, VolumeId};
 use crate::config::{AgentConfig, PoolConfig, PoolKindConfig};
 use crate::exec::Runner;
+use crate::metrics::Counter;
 use crate::types::Bytes;
 
 /// A pool with its configuration, as the agent serves it.
@@ -89,6 +90,37 @@ struct Index {
     snapshots: HashMap<SnapshotId, SnapshotRecord>,
 }
 
+/// Counters of reconciliation, for the metrics endpoint.
+#[derive(Debug, Default)]
+struct ReconcileCounters {
+    runs: Counter,
+    errors: Counter,
+    created: Counter,
+    repaired: Counter,
+    removed: Counter,
+    failed: Counter,
+    tgtd_restarts: Counter,
+}
+
+/// What reconciliation has done since the agent started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileTotals {
+    /// Passes started.
+    pub runs: u64,
+    /// Passes that failed as a whole (tgtd not answering, a pool unreadable).
+    pub errors: u64,
+    /// Exports found missing and re-created.
+    pub created: u64,
+    /// Exports found different and repaired.
+    pub repaired: u64,
+    /// Targets without a volume, removed.
+    pub removed: u64,
+    /// Exports that could not be restored.
+    pub failed: u64,
+    /// tgtd restarts seen (its control socket re-created; see [`Exports::tgtd_instance`]).
+    pub tgtd_restarts: u64,
+}
+
 /// The storage agent.
 #[derive(Debug)]
 pub struct AgentService {
@@ -98,6 +130,10 @@ pub struct AgentService {
     guards: Guards,
     // Cache of the pools' records (see the module comment). Never held across `.await`.
     index: RwLock<Index>,
+    counters: ReconcileCounters,
+    // The tgtd instance the last reconciliation pass saw. Locked briefly, never across an
+    // `.await`.
+    last_tgtd: Mutex<Option<TgtdInstance>>,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -106,6 +142,10 @@ fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
 
 fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl AgentService {
@@ -139,6 +179,8 @@ impl AgentService {
             exports: Exports::new(runner, cfg.tgt.control_port, key),
             guards: Guards::default(),
             index: RwLock::new(Index::default()),
+            counters: ReconcileCounters::default(),
+            last_tgtd: Mutex::new(None),
         })
     }
 
@@ -174,8 +216,45 @@ impl AgentService {
     }
 
     /// Rebuilds the index from durable state and makes tgtd's targets match it: missing
-    /// exports (tgtd restarted) are re-created, targets without a volume removed.
+    /// exports (tgtd restarted) are re-created, targets without a volume removed. Drift is
+    /// logged and counted ([`AgentService::reconcile_totals`]).
     pub async fn reconcile(&self) -> Result<(), AgentError> {
+        self.counters.runs.inc();
+        self.note_tgtd_restart().await;
+        let result = self.reconcile_once().await;
+        if result.is_err() {
+            self.counters.errors.inc();
+        }
+        result
+    }
+
+    /// What reconciliation has done since the agent started.
+    pub fn reconcile_totals(&self) -> ReconcileTotals {
+        let c = &self.counters;
+        ReconcileTotals {
+            runs: c.runs.get(),
+            errors: c.errors.get(),
+            created: c.created.get(),
+            repaired: c.repaired.get(),
+            removed: c.removed.get(),
+            failed: c.failed.get(),
+            tgtd_restarts: c.tgtd_restarts.get(),
+        }
+    }
+
+    /// Counts a restart of tgtd when its control socket is not the one the previous pass saw.
+    async fn note_tgtd_restart(&self) {
+        let Some(now) = self.exports.tgtd_instance().await else {
+            return;
+        };
+        let before = lock(&self.last_tgtd).replace(now);
+        if before.is_some_and(|b| b != now) {
+            self.counters.tgtd_restarts.inc();
+            tracing::warn!("tgtd restarted (control socket re-created): every export is restored");
+        }
+    }
+
+    async fn reconcile_once(&self) -> Result<(), AgentError> {
         // Operations may run while durable state is read: anything one of them touched in
         // the meantime is taken from the index (which the operation keeps current), not
         // from this possibly older reading, and its export is left to the operation.
@@ -237,6 +316,11 @@ impl AgentService {
         let busy = unstable;
         desired.retain(|d| !busy.contains(&d.id));
         let drift = self.exports.reconcile_except(&desired, &busy).await?;
+        let c = &self.counters;
+        c.created.add(drift.created.len() as u64);
+        c.repaired.add(drift.repaired.len() as u64);
+        c.removed.add(drift.removed.len() as u64);
+        c.failed.add(drift.failed.len() as u64);
         if !drift.created.is_empty() || !drift.repaired.is_empty() || !drift.removed.is_empty() {
             tracing::warn!(
                 created = drift.created.len(),

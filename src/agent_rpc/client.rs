@@ -22,6 +22,7 @@ use crate::agent::{Iqn, SnapshotId, VolumeId};
 use crate::proto::agent as pb;
 use crate::proto::agent::agent_client::AgentClient;
 use crate::scheduler::Capacity;
+use crate::tls::ClientTls;
 use crate::transport::{self, Endpoint, TransportError};
 use crate::types::Bytes;
 
@@ -330,9 +331,14 @@ pub struct GrpcAgent {
 }
 
 impl GrpcAgent {
-    /// A lazily connected client of the agent `name` at `endpoint` (the agent may start later).
-    pub async fn connect(name: &str, endpoint: &Endpoint) -> Result<Self, TransportError> {
-        let channel = transport::connect(endpoint, true).await?;
+    /// A lazily connected client of the agent `name` at `endpoint` (the agent may start later),
+    /// over TLS when `tls` is given and the endpoint is `tcp://`.
+    pub async fn connect(
+        name: &str,
+        endpoint: &Endpoint,
+        tls: Option<&ClientTls>,
+    ) -> Result<Self, TransportError> {
+        let channel = transport::connect_tls(endpoint, true, tls).await?;
         Ok(GrpcAgent {
             name: name.to_owned(),
             client: AgentClient::new(channel),

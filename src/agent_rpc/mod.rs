@@ -2,5 +2,6 @@
 //! [`crate::agent::service::AgentService`] and the error-to-code mapping.
 
 pub mod client;
+pub mod metrics;
 pub mod server;
 pub mod status;

@@ -13,6 +13,9 @@
 //!   `scsi_sn`) are set by a following `--op update`. tgtd truncates both to
 //!   [`SCSI_ID_MAX_LEN`] characters without a word.
 //! - The control port (`-C`) must be within `0..=`[`MAX_CONTROL_PORT`].
+//! - tgtd's control socket is `/var/run/tgtd/socket.N` for control port N (0 included). A
+//!   starting tgtd replaces the file; a killed one leaves it behind. The inode number may be
+//!   reused at once, but the change time is new ([`Tgtadm::socket_path`]).
 
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
@@ -41,6 +44,10 @@ pub const MAX_CONTROL_PORT: u16 = 32767;
 /// tgt 1.0.85.
 pub const SCSI_ID_MAX_LEN: usize = 36;
 
+/// Where tgtd puts its control socket: this, `.`, the control port (tgt's
+/// `TGT_IPC_NAMESPACE`). Observed on tgt 1.0.85.
+pub const TGTD_SOCKET_PREFIX: &str = "/var/run/tgtd/socket";
+
 /// Deadline of one tgtadm call. tgtd answers in milliseconds; one that takes this long is
 /// stuck (tgtd is single-threaded) and is treated as unavailable.
 pub const TGTADM_TIMEOUT: Duration = Duration::from_secs(30);
@@ -60,6 +67,11 @@ impl Tgtadm {
     /// The control port.
     pub fn control_port(&self) -> u16 {
         self.control_port
+    }
+
+    /// The control socket tgtadm talks to (re-created each time tgtd starts).
+    pub fn socket_path(&self) -> PathBuf {
+        PathBuf::from(format!("{TGTD_SOCKET_PREFIX}.{}", self.control_port))
     }
 
     fn base(&self) -> Cmd {
@@ -642,6 +654,16 @@ mod tests {
         assert_eq!(
             argv(&Tgtadm::new(4711).show_accounts()),
             ["tgtadm", "-C", "4711", "--lld", "iscsi", "--op", "show", "--mode", "account"]
+        );
+        assert_eq!(
+            (
+                Tgtadm::new(0).socket_path(),
+                Tgtadm::new(4711).socket_path()
+            ),
+            (
+                PathBuf::from("/var/run/tgtd/socket.0"),
+                PathBuf::from("/var/run/tgtd/socket.4711")
+            )
         );
     }
 

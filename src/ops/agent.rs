@@ -11,6 +11,7 @@ use super::OpsError;
 use crate::cli::OutputFormat;
 use crate::proto::agent as pb;
 use crate::proto::agent::agent_client::AgentClient;
+use crate::tls::ClientTls;
 use crate::transport::{self, Endpoint};
 use crate::types::Bytes;
 
@@ -20,6 +21,34 @@ pub struct AgentCtlArgs {
     /// The agent's endpoint.
     #[arg(long, env = "CINDERBLOCK_AGENT", value_name = "ENDPOINT")]
     pub agent: Endpoint,
+    /// CA certificate (PEM) the agent's certificate must chain to: speaks TLS to a tcp://
+    /// agent (a unix:// agent is always plain).
+    #[arg(long, env = "CINDERBLOCK_AGENT_TLS_CA", value_name = "FILE")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) presented to the agent (mutual TLS).
+    #[arg(
+        long,
+        env = "CINDERBLOCK_AGENT_TLS_CERT",
+        value_name = "FILE",
+        requires_all = ["tls_ca", "tls_key"]
+    )]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of the client certificate.
+    #[arg(
+        long,
+        env = "CINDERBLOCK_AGENT_TLS_KEY",
+        value_name = "FILE",
+        requires = "tls_cert"
+    )]
+    pub tls_key: Option<PathBuf>,
+    /// Name to check the agent's certificate against instead of the endpoint's host.
+    #[arg(
+        long,
+        env = "CINDERBLOCK_AGENT_TLS_SERVER_NAME",
+        value_name = "NAME",
+        requires = "tls_ca"
+    )]
+    pub tls_server_name: Option<String>,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table, global = true)]
     pub output: OutputFormat,
@@ -137,10 +166,23 @@ pub enum AgentCtl {
 }
 
 fn rpc(name: &'static str) -> impl Fn(tonic::Status) -> OpsError {
-    move |s| OpsError::Rpc {
-        rpc: name,
-        code: s.code(),
-        message: s.message().to_owned(),
+    move |s| super::rpc_failure(name, s)
+}
+
+/// What to suggest when a call to a `tcp://` agent failed below gRPC. The agent's TLS
+/// refusals reach the client as a closed connection, so the flags given are the only clue.
+fn connection_hint(args: &AgentCtlArgs) -> &'static str {
+    match (&args.agent, &args.tls_ca, &args.tls_cert) {
+        (Endpoint::Unix(_), _, _) => "",
+        (Endpoint::Tcp(_), None, _) => {
+            " (if the agent serves TLS, give --tls-ca, --tls-cert and --tls-key)"
+        }
+        (Endpoint::Tcp(_), Some(_), None) => {
+            " (the agent requires a client certificate: give --tls-cert and --tls-key)"
+        }
+        (Endpoint::Tcp(_), Some(_), Some(_)) => {
+            " (the agent may not trust this client certificate: is it signed by the agent's client_ca_file?)"
+        }
     }
 }
 
@@ -149,6 +191,14 @@ fn cap_text(c: &Option<pb::Capacity>) -> String {
         Some(pb::capacity::Value::Bytes(b)) => Bytes(*b).to_string(),
         Some(pb::capacity::Value::Infinite(_)) => "infinite".into(),
         _ => "unknown".into(),
+    }
+}
+
+/// A capacity in bytes, `None` when unknown or infinite (JSON `null`).
+fn cap_bytes(c: &Option<pb::Capacity>) -> Option<u64> {
+    match c.as_ref().and_then(|c| c.value.as_ref()) {
+        Some(pb::capacity::Value::Bytes(b)) => Some(*b),
+        _ => None,
     }
 }
 
@@ -235,11 +285,43 @@ fn volume_rows(vols: &[pb::Volume]) -> Vec<Vec<String>> {
     rows
 }
 
+/// The TLS settings of the flags, read now (`None` without `--tls-ca`).
+fn client_tls(args: &AgentCtlArgs) -> Result<Option<ClientTls>, OpsError> {
+    let Some(ca) = &args.tls_ca else {
+        return Ok(None);
+    };
+    let identity = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some((cert.as_path(), key.as_path())),
+        _ => None,
+    };
+    Ok(Some(ClientTls::load(
+        ca,
+        identity,
+        args.tls_server_name.as_deref(),
+    )?))
+}
+
 /// Runs one agent operation and prints its answer.
 pub async fn run(args: AgentCtlArgs) -> Result<(), OpsError> {
-    let mut c = AgentClient::new(transport::connect(&args.agent, false).await?);
-    let out = args.output;
-    match args.command {
+    let tls = client_tls(&args)?;
+    let channel = transport::connect_tls(&args.agent, false, tls.as_ref()).await?;
+    let hint = connection_hint(&args);
+    call(AgentClient::new(channel), args.output, args.command)
+        .await
+        .map_err(|e| match e {
+            OpsError::Connection { rpc, message, .. } => {
+                OpsError::Connection { rpc, message, hint }
+            }
+            other => other,
+        })
+}
+
+async fn call(
+    mut c: AgentClient<tonic::transport::Channel>,
+    out: OutputFormat,
+    command: AgentCtl,
+) -> Result<(), OpsError> {
+    match command {
         AgentCtl::Info => {
             let i = c
                 .get_info(pb::GetInfoRequest {})
@@ -301,7 +383,8 @@ pub async fn run(args: AgentCtlArgs) -> Result<(), OpsError> {
                     },
                 ]);
                 js.push(json!({"name": p.name, "kind": kind, "zone": p.zone, "total": cap_text(&p.total),
-                    "free": cap_text(&p.free), "provisioned_bytes": p.provisioned_bytes, "allocated_bytes": p.allocated_bytes,
+                    "free": cap_text(&p.free), "total_bytes": cap_bytes(&p.total), "free_bytes": cap_bytes(&p.free),
+                    "provisioned_bytes": p.provisioned_bytes, "allocated_bytes": p.allocated_bytes,
                     "volumes": p.volume_count, "snapshots": p.snapshot_count, "healthy": p.healthy,
                     "capabilities": p.capabilities.iter().collect::<BTreeMap<_, _>>(), "portals": p.portals}));
             }

@@ -20,6 +20,9 @@ pub enum OpsError {
     /// The endpoint could not be reached.
     #[error(transparent)]
     Transport(#[from] TransportError),
+    /// The TLS files given are unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::TlsError),
     /// The server answered with an error.
     #[error("{rpc} failed: {code:?}: {message}")]
     Rpc {
@@ -42,6 +45,16 @@ pub enum OpsError {
         /// The first failure.
         first: String,
     },
+    /// The call failed below gRPC: the connection was refused or closed (network, TLS).
+    #[error("{rpc} failed: no answer over the connection: {message}{hint}")]
+    Connection {
+        /// RPC name.
+        rpc: &'static str,
+        /// The transport's message and causes.
+        message: String,
+        /// What may be wrong, as ` (...)`, or empty.
+        hint: &'static str,
+    },
     /// `--wait` ran out before the plugin became ready.
     #[error("not ready after {0:?}")]
     NotReady(Duration),
@@ -57,11 +70,43 @@ pub enum OpsError {
 }
 
 fn rpc_err(rpc: &'static str) -> impl Fn(tonic::Status) -> OpsError {
-    move |s| OpsError::Rpc {
-        rpc,
-        code: s.code(),
-        message: s.message().to_owned(),
+    move |s| rpc_failure(rpc, s)
+}
+
+/// The error of a failed call: [`OpsError::Connection`] when it failed below gRPC (the
+/// status has a cause: tonic made it from a transport error), else [`OpsError::Rpc`] with
+/// the server's code and message.
+pub fn rpc_failure(rpc: &'static str, s: tonic::Status) -> OpsError {
+    if std::error::Error::source(&s).is_some() {
+        OpsError::Connection {
+            rpc,
+            message: status_text(&s),
+            hint: "",
+        }
+    } else {
+        OpsError::Rpc {
+            rpc,
+            code: s.code(),
+            message: s.message().to_owned(),
+        }
     }
+}
+
+/// A status's message and its causes ("transport error" alone does not tell a refused
+/// client certificate from a dead peer). A cause already contained in the text so far is
+/// not repeated.
+fn status_text(s: &tonic::Status) -> String {
+    let mut text = s.message().to_owned();
+    let mut cause: Option<&dyn std::error::Error> = std::error::Error::source(s);
+    while let Some(c) = cause {
+        let t = c.to_string();
+        if !text.contains(&t) {
+            text.push_str(": ");
+            text.push_str(&t);
+        }
+        cause = c.source();
+    }
+    text
 }
 
 /// What `cinderblock identity` reports.

@@ -1,7 +1,9 @@
 //! A Cinderblock stack of real processes for controller tests: N `cinderblock agent`s with a
 //! file pool each, each behind its own private real tgtd, and one `cinderblock controller`
 //! talking to them, all over Unix sockets in a temporary directory. Everything is stopped on
-//! drop (processes by their own PID).
+//! drop (processes by their own PID). The pieces (agent configuration, spawning and waiting)
+//! serve other real-process tests too.
+#![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -36,7 +38,14 @@ pub struct Proc {
 }
 
 impl Proc {
-    fn spawn(args: &[&str], log: PathBuf, socket: &Path) -> Proc {
+    /// Spawns `cinderblock ARGS` and waits until `socket` exists (see [`Proc::spawn_until`]).
+    pub fn spawn(args: &[&str], log: PathBuf, socket: &Path) -> Proc {
+        Proc::spawn_until(args, log, &socket.display().to_string(), || socket.exists())
+    }
+
+    /// Spawns `cinderblock ARGS`, its output going to `log`, and waits (30 s at most) until
+    /// `ready` holds; panics with the log if the process exits first or never gets ready.
+    pub fn spawn_until(args: &[&str], log: PathBuf, what: &str, ready: impl Fn() -> bool) -> Proc {
         let out = std::fs::File::create(&log).expect("log file");
         let child = Command::new(BIN)
             .args(args)
@@ -49,19 +58,23 @@ impl Proc {
             .expect("spawn cinderblock");
         let mut p = Proc { child, log };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !socket.exists() {
+        while !ready() {
             if let Ok(Some(status)) = p.child.try_wait() {
                 panic!("{args:?} exited with {status}:\n{}", p.log_text());
             }
             assert!(
                 Instant::now() < deadline,
-                "{} never appeared:\n{}",
-                socket.display(),
+                "{what} never got ready:\n{}",
                 p.log_text()
             );
             std::thread::sleep(Duration::from_millis(20));
         }
         p
+    }
+
+    /// The process's PID.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// What the process logged so far.
@@ -105,9 +118,54 @@ pub struct Stack {
     pub _dir: tempfile::TempDir,
 }
 
+/// Whether something accepts TCP connections on 127.0.0.1:`port`.
+pub fn listening(port: u16) -> bool {
+    std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+}
+
+/// An agent configuration for `spec`: listening on `listen`, its tgtd, one file pool in
+/// `pool_dir`; `root` adds top-level keys, `tables` adds tables at the end.
+pub fn agent_config(
+    spec: &AgentSpec,
+    listen: &str,
+    tgtd: &Tgtd,
+    pool_dir: &Path,
+    root: &str,
+    tables: &str,
+) -> String {
+    format!(
+        r#"name = "{name}"
+listen = "{listen}"
+{root}
+
+[tgt]
+portal = "{portal}"
+control_port = {ctl}
+
+[[pools]]
+name = "{name}"
+kind = "file"
+path = "{pool}"
+capacity_bytes = {capacity}
+zone = "{zone}"
+max_over_subscription_ratio = 1.0
+capabilities = {{ {caps} }}
+
+{tables}
+"#,
+        name = spec.name,
+        portal = tgtd.portal(),
+        ctl = tgtd.ctl(),
+        pool = pool_dir.display(),
+        capacity = spec.capacity_gib << 30,
+        zone = spec.zone,
+        caps = spec.capabilities,
+    )
+}
+
 /// `Tgtd::start`, tried again when a start fails (its control-port choice sometimes lands
 /// outside what tgtadm accepts, which makes a whole start fail now and then).
-fn start_tgtd() -> Tgtd {
+pub fn start_tgtd() -> Tgtd {
     for _ in 0..3 {
         if let Ok(t) = std::panic::catch_unwind(Tgtd::start) {
             return t;
@@ -145,32 +203,8 @@ impl Stack {
             std::fs::create_dir_all(&pool_dir).expect("pool directory");
             let socket = dir.path().join(format!("agent-{}.sock", spec.name));
             let config = dir.path().join(format!("agent-{}.toml", spec.name));
-            let toml = format!(
-                r#"name = "{name}"
-listen = "unix://{socket}"
-
-[tgt]
-portal = "{portal}"
-control_port = {ctl}
-
-[[pools]]
-name = "{name}"
-kind = "file"
-path = "{pool}"
-capacity_bytes = {capacity}
-zone = "{zone}"
-max_over_subscription_ratio = 1.0
-capabilities = {{ {caps} }}
-"#,
-                name = spec.name,
-                socket = socket.display(),
-                portal = tgtd.portal(),
-                ctl = tgtd.ctl(),
-                pool = pool_dir.display(),
-                capacity = spec.capacity_gib << 30,
-                zone = spec.zone,
-                caps = spec.capabilities,
-            );
+            let listen = format!("unix://{}", socket.display());
+            let toml = agent_config(spec, &listen, &tgtd, &pool_dir, "", "");
             std::fs::write(&config, toml).expect("agent config");
             let log = dir.path().join(format!("agent-{}.log", spec.name));
             let config_arg = config.display().to_string();

@@ -29,6 +29,7 @@ CB_COMP_IP=192.168.77.2
 CB_ONE_IP=127.0.0.1
 # CSI port inside every guest; the host reaches it through hostfwd on 127.0.0.1.
 CB_GUEST_CSI_PORT=10000
+CB_GUEST_AGENT_PORT=9700 # the agent API in every guest (forwarded too)
 
 rootfs_key() { printf '%s\n' "$CB_SUITE" "$CB_GUEST_PKGS" "$CB_ROOTFS_REV" | sha256sum | cut -c1-16; }
 image_key() {

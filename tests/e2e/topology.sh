@@ -32,11 +32,14 @@ topo_boot() {
   l2=$(free_port)
   for name in "$@"; do
     port=$(free_port)
+    aport=$(free_port)
     echo "export CINDERBLOCK_E2E_$(tr a-z A-Z <<<"$name")_CSI=127.0.0.1:$port" >>"$CB_ENV"
+    echo "export CINDERBLOCK_E2E_$(tr a-z A-Z <<<"$name")_AGENT=127.0.0.1:$aport" >>"$CB_ENV"
+    fwd="$port:$CB_GUEST_CSI_PORT $aport:$CB_GUEST_AGENT_PORT"
     case $name in
-      stor) L2=listen:$l2 IP1=$CB_STOR_IP/24 HOSTFWD="$port:$CB_GUEST_CSI_PORT" "$VM" start stor ;;
-      comp) L2=connect:$l2 IP1=$CB_COMP_IP/24 HOSTFWD="$port:$CB_GUEST_CSI_PORT" "$VM" start comp ;;
-      *) HOSTFWD="$port:$CB_GUEST_CSI_PORT" "$VM" start "$name" ;;
+      stor) L2=listen:$l2 IP1=$CB_STOR_IP/24 HOSTFWD=$fwd "$VM" start stor ;;
+      comp) L2=connect:$l2 IP1=$CB_COMP_IP/24 HOSTFWD=$fwd "$VM" start comp ;;
+      *) HOSTFWD=$fwd "$VM" start "$name" ;;
     esac
   done
   for name in "$@"; do "$VM" wait "$name" & pids+=($!); done
@@ -44,19 +47,47 @@ topo_boot() {
   return $rc
 }
 
-# start_cinderblock VM: `cinderblock all` on the guest's CSI port, log on the share.
-# A config file tests/e2e/guest/cinderblock-VM.toml (else cinderblock.toml), when there is
-# one, is passed with -c; CINDERBLOCK_E2E_ARGS adds words to the command line.
+# start_cinderblock VM: `cinderblock all` on the guest's CSI port, log on the share. Its
+# agent listens on the guest's agent port (forwarded like the CSI port) and serves two pools
+# on the VG cinder-volumes: "thick" (lvm-thick, media=hdd) and "thin" (lvm-thin on the thin
+# pool pool0, media=ssd), both in the zone "z-VM". A config file
+# tests/e2e/guest/cinderblock-VM.toml, when there is one, replaces the generated one;
+# CINDERBLOCK_E2E_ARGS adds words to the command line.
 start_cinderblock() {
-  local name=$1 portal cfg=()
+  local name=$1 portal
   case $name in stor) portal=$CB_STOR_IP:3260 ;; comp) portal=$CB_COMP_IP:3260 ;; *) portal=$CB_ONE_IP:3260 ;; esac
+  mkdir -p "$CB_SHARE/e2e"
   if [ -f "$CB_E2E/guest/cinderblock-$name.toml" ]; then
-    cfg=(-c "/mnt/host/e2e/cinderblock-$name.toml")
-  elif [ -f "$CB_E2E/guest/cinderblock.toml" ]; then
-    cfg=(-c /mnt/host/e2e/cinderblock.toml)
+    cp "$CB_E2E/guest/cinderblock-$name.toml" "$CB_SHARE/e2e/cinderblock-$name.toml"
+  else
+    cat >"$CB_SHARE/e2e/cinderblock-$name.toml" <<EOF
+[agent]
+name = "$name"
+listen = "tcp://0.0.0.0:$CB_GUEST_AGENT_PORT"
+chap_key_file = "/etc/cinderblock/chap.key"
+
+[[agent.pools]]
+name = "thick"
+kind = "lvm-thick"
+vg = "cinder-volumes"
+zone = "z-$name"
+snapshot_cow_percent = 100
+capabilities = { media = "hdd" }
+
+[[agent.pools]]
+name = "thin"
+kind = "lvm-thin"
+vg = "cinder-volumes"
+thin_pool = "pool0"
+zone = "z-$name"
+capabilities = { media = "ssd" }
+
+[node]
+zone = "z-$name"
+EOF
   fi
   # shellcheck disable=SC2086  # CINDERBLOCK_E2E_ARGS is a list of extra words on purpose
-  "$VM" exec "$name" bash /mnt/host/e2e/start-cinderblock.sh all "${cfg[@]}" \
+  "$VM" exec "$name" bash /mnt/host/e2e/start-cinderblock.sh all -c "/mnt/host/e2e/cinderblock-$name.toml" \
     --endpoint "tcp://0.0.0.0:$CB_GUEST_CSI_PORT" --portal "$portal" ${CINDERBLOCK_E2E_ARGS:-}
 }
 

@@ -3,7 +3,7 @@
 # the way a node's init system would, and return once its CSI endpoint listens.
 #   start-cinderblock.sh [ARGS...]   e.g. start-cinderblock.sh all --endpoint tcp://0.0.0.0:10000
 # Before starting: the operator's part of a Cinder LVM node, the VG `cinder-volumes` on
-# /dev/vdb (the data disk). Log: /mnt/host/logs/$(hostname)/cinderblock.log (on the host:
+# /dev/vdb (the data disk) with a 1 GiB thin pool pool0, and /etc/cinderblock/chap.key. Log: /mnt/host/logs/$(hostname)/cinderblock.log (on the host:
 # tests/e2e/.run/share/logs/NAME/cinderblock.log). PID: /run/cinderblock.pid.
 # Waits up to START_TIMEOUT (180 s) for the TCP port of the --endpoint argument.
 set -euo pipefail
@@ -14,6 +14,14 @@ VG=${CINDERBLOCK_E2E_VG:-cinder-volumes}
 
 if ! vgs "$VG" >/dev/null 2>&1; then
   pvcreate -q /dev/vdb && vgcreate -q "$VG" /dev/vdb
+fi
+# A thin pool beside the thick volumes (the generated config's "thin" pool), and the
+# node-local CHAP master key.
+if ! lvs "$VG/pool0" >/dev/null 2>&1; then
+  lvm lvcreate -q --yes --type thin-pool --size 1g --name pool0 "$VG" >/dev/null
+fi
+if [ ! -s /etc/cinderblock/chap.key ]; then
+  mkdir -p /etc/cinderblock && head -c 32 /dev/urandom >/etc/cinderblock/chap.key
 fi
 if [ -f /run/cinderblock.pid ] && kill -0 "$(cat /run/cinderblock.pid)" 2>/dev/null; then
   echo "cinderblock already running, pid $(cat /run/cinderblock.pid)"
