@@ -97,8 +97,10 @@ pub struct Agent {
 pub struct Stack {
     /// The controller process (dropped first).
     pub controller: Proc,
-    /// CSI socket of the controller.
+    /// CSI socket of the controller (the operator API is served there too).
     pub csi: PathBuf,
+    /// The controller's `--operator-listen` socket: the operator API alone.
+    pub operator: PathBuf,
     /// The agents, in spec order.
     pub agents: Vec<Agent>,
     /// Holds every file (dropped last).
@@ -184,6 +186,7 @@ capabilities = {{ {caps} }}
             });
         }
         let csi = dir.path().join("csi.sock");
+        let operator = dir.path().join("operator.sock");
         let config = dir.path().join("controller.toml");
         std::fs::write(&config, CONTROLLER_TOML).expect("controller config");
         let mut args: Vec<String> = vec![
@@ -192,6 +195,8 @@ capabilities = {{ {caps} }}
             config.display().to_string(),
             "--endpoint".into(),
             format!("unix://{}", csi.display()),
+            "--operator-listen".into(),
+            format!("unix://{}", operator.display()),
         ];
         for a in &agents {
             args.push("--agent".into());
@@ -202,6 +207,7 @@ capabilities = {{ {caps} }}
         Stack {
             controller,
             csi,
+            operator,
             agents,
             _dir: dir,
         }
