@@ -198,6 +198,35 @@ fn cli_counts(pools: &Value) -> BTreeMap<String, (u64, u64)> {
         .collect()
 }
 
+/// The fields of a `volume list -o json` entry that the test compares.
+#[derive(Debug, PartialEq, Eq)]
+struct Row {
+    id: String,
+    status: String,
+    size_bytes: u64,
+    volume_type: String,
+    /// `agent#pool`.
+    pool: String,
+    zone: String,
+    /// The attachments as JSON text.
+    attachments: String,
+}
+
+impl Row {
+    fn of(v: &Value) -> Row {
+        let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
+        Row {
+            id: s("id"),
+            status: s("status"),
+            size_bytes: v["size_bytes"].as_u64().unwrap_or_default(),
+            volume_type: s("type"),
+            pool: format!("{}#{}", s("agent"), s("pool")),
+            zone: s("zone"),
+            attachments: v["attachments"].to_string(),
+        }
+    }
+}
+
 /// Volumes of a `volume list -o json` answer by name.
 fn by_name(list: &Value) -> BTreeMap<String, Value> {
     list.as_array()
@@ -272,61 +301,41 @@ async fn operator_cli_reports_what_the_agents_hold() {
 
     // volume list -o json: statuses derived from the agents, sizes, pools, types, attachments.
     let list = cli_json(&stack.csi, &["volume", "list", "-o", "json"]).await;
-    let got: BTreeMap<String, (String, String, u64, String, String, String, String)> =
-        by_name(&list)
-            .into_iter()
-            .map(|(n, v)| {
-                let s = |k: &str| v[k].as_str().unwrap_or_default().to_owned();
-                (
-                    n,
-                    (
-                        s("id"),
-                        s("status"),
-                        v["size_bytes"].as_u64().unwrap_or_default(),
-                        s("type"),
-                        format!("{}#{}", s("agent"), s("pool")),
-                        s("zone"),
-                        v["attachments"].to_string(),
-                    ),
-                )
-            })
-            .collect();
-    let no_attachments = "[]".to_string();
+    let got: BTreeMap<String, Row> = by_name(&list)
+        .into_iter()
+        .map(|(n, v)| (n, Row::of(&v)))
+        .collect();
+    let row = |id: &str, status: &str, size_bytes: u64, vtype: &str, pool: &str, zone: &str| Row {
+        id: id.to_owned(),
+        status: status.to_owned(),
+        size_bytes,
+        volume_type: vtype.to_owned(),
+        pool: pool.to_owned(),
+        zone: zone.to_owned(),
+        attachments: "[]".to_owned(),
+    };
     let want = BTreeMap::from([
         (
             "op-ssd".to_string(),
-            (
-                ssd.volume_id.clone(),
-                "available".to_string(),
-                1 << 30,
-                "ssd".to_string(),
-                "a#a".to_string(),
-                "z1".to_string(),
-                no_attachments.clone(),
-            ),
+            row(&ssd.volume_id, "available", 1 << 30, "ssd", "a#a", "z1"),
         ),
         (
             "op-hdd".to_string(),
-            (
-                hdd.volume_id.clone(),
-                "in-use".to_string(),
-                2 << 30,
-                "hdd".to_string(),
-                "b#b".to_string(),
-                "z2".to_string(),
-                r#"[{"host":"node-1","initiator":"iqn.1993-08.org.debian:01:node1"}]"#.to_string(),
-            ),
+            Row {
+                attachments: r#"[{"host":"node-1","initiator":"iqn.1993-08.org.debian:01:node1"}]"#
+                    .to_owned(),
+                ..row(&hdd.volume_id, "in-use", 2 << 30, "hdd", "b#b", "z2")
+            },
         ),
         (
             "op-plain".to_string(),
-            (
-                plain.volume_id.clone(),
-                "available".to_string(),
+            row(
+                &plain.volume_id,
+                "available",
                 512 << 20,
-                "default".to_string(),
-                "c#c".to_string(),
-                "z3".to_string(),
-                no_attachments,
+                "default",
+                "c#c",
+                "z3",
             ),
         ),
     ]);

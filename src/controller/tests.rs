@@ -1099,7 +1099,8 @@ async fn inventory_shows_cinder_statuses_and_filters() {
     assert_eq!(statuses(&c.inventory_volumes(&all, 0, "").await), Ok(want));
 
     // (pool filter, status filter, names or the error)
-    let cases: [(&str, &str, Result<Vec<&str>, &str>); 7] = [
+    type Case<'a> = (&'a str, &'a str, Result<Vec<&'a str>, &'a str>);
+    let cases: [Case<'_>; 7] = [
         ("", "in-use", Ok(vec!["inv-hdd"])),
         ("", "in_use", Ok(vec!["inv-hdd"])),
         ("", "available", Ok(vec!["inv-ssd"])),

@@ -100,6 +100,7 @@ pub struct Stack {
     /// CSI socket of the controller (the operator API is served there too).
     pub csi: PathBuf,
     /// The controller's `--operator-listen` socket: the operator API alone.
+    #[allow(dead_code)] // used by tests/operator_cli.rs only
     pub operator: PathBuf,
     /// The agents, in spec order.
     pub agents: Vec<Agent>,
