@@ -1,10 +1,14 @@
 //! Compiles `proto/*.proto` with the pure-Rust `protox` compiler (no `protoc` needed on the
 //! build machine), keeps the encoded descriptor set for the wire-contract test, and generates
-//! tonic clients and servers for the CSI and agent services.
+//! tonic clients and servers for the CSI, agent and operator services.
 
 use std::path::PathBuf;
 
-const PROTOS: &[&str] = &["proto/csi.proto", "proto/agent.proto"];
+const PROTOS: &[&str] = &[
+    "proto/csi.proto",
+    "proto/agent.proto",
+    "proto/operator.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     for p in PROTOS {

@@ -81,6 +81,7 @@ async fn run() -> Result<String, String> {
             "default".to_string(),
             VolumeType {
                 name: "default".into(),
+                description: String::new(),
                 extra_specs: BTreeMap::new(),
             },
         )]),

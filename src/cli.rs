@@ -51,6 +51,14 @@ pub enum Command {
     AgentCtl(crate::ops::agent::AgentCtlArgs),
     /// Measure CreateVolume through a CSI controller (latency, burst wall time, duplicates).
     BenchCsi(crate::ops::bench::BenchCsiArgs),
+    /// Volumes as the controller sees them (Cinder's `cinder list` / `cinder show`).
+    Volume(crate::ops::operator::VolumeArgs),
+    /// Snapshots (Cinder's `cinder snapshot-list`).
+    Snapshot(crate::ops::operator::SnapshotArgs),
+    /// Pools with capacity and counts (Cinder's `cinder get-pools --detail`).
+    Pool(crate::ops::operator::PoolArgs),
+    /// Volume types (Cinder's `cinder type-list`).
+    Type(crate::ops::operator::TypeArgs),
 }
 
 /// Flags shared by every role.
@@ -69,6 +77,9 @@ pub struct ControllerArgs {
     /// CSI endpoint to serve (unix:///path or tcp://host:port).
     #[arg(long, env = "CINDERBLOCK_ENDPOINT", value_name = "ENDPOINT")]
     pub endpoint: Option<Endpoint>,
+    /// Also serve the operator API alone on this endpoint (it is always on the CSI endpoint).
+    #[arg(long, env = "CINDERBLOCK_OPERATOR_LISTEN", value_name = "ENDPOINT")]
+    pub operator_listen: Option<Endpoint>,
     /// A storage agent as NAME=ENDPOINT (repeat, or comma-separate in the variable); added
     /// to the agents of the configuration file.
     #[arg(

@@ -129,8 +129,12 @@ pub struct VolumeTypeConfig {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct ControllerConfig {
-    /// CSI endpoint (Identity + Controller).
+    /// CSI endpoint (Identity + Controller; the operator API is served there too).
     pub endpoint: Endpoint,
+    /// A second endpoint serving only the operator API (e.g. TCP for operators while CSI
+    /// stays on a Unix socket).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub operator_listen: Option<Endpoint>,
     /// Statically configured agents (Kubernetes discovery adds to these).
     pub agents: Vec<AgentRef>,
     /// Volume type used when a request names none.
@@ -155,6 +159,7 @@ impl Default for ControllerConfig {
         volume_types.insert("default".to_owned(), VolumeTypeConfig::default());
         ControllerConfig {
             endpoint: default_csi_endpoint(),
+            operator_listen: None,
             agents: Vec::new(),
             default_volume_type: "default".into(),
             volume_types,

@@ -2,7 +2,7 @@
 //!
 //! The binary (`src/main.rs`) only parses arguments and starts a role; everything else lives
 //! here so that `tests/` can reach it. Folders are the architecture (see `docs/design.md`):
-//! transport (`csi`, `transport`) is thin, the domain (`scheduler`, and the agent, controller
+//! transport (`csi`, `operator`, `transport`) is thin, the domain (`scheduler`, and the agent, controller
 //! and node modules as they land) never sees wire types, and `exec` is the only place that
 //! spawns a process.
 
@@ -16,6 +16,7 @@ pub mod exec;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod operator;
 pub mod ops;
 pub mod proto;
 pub mod roles;

@@ -30,17 +30,19 @@ fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes on one line; a cause whose text ends the line already (errors
-/// that print their source themselves) is not repeated.
+/// The error and its causes on one line; a cause whose text is already on the line (transport
+/// errors repeat their source) is left out.
 fn chain_line(e: &anyhow::Error) -> String {
     let mut line = String::new();
-    for cause in e.chain().map(ToString::to_string) {
-        if line.is_empty() {
-            line = cause;
-        } else if !line.ends_with(&cause) {
-            line.push_str(": ");
-            line.push_str(&cause);
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if line.contains(&text) {
+            continue;
         }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&text);
     }
     line
 }
@@ -59,6 +61,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let mut cfg: ControllerConfig = config::load(args.config.config.as_deref())?;
             if let Some(e) = args.endpoint {
                 cfg.endpoint = e;
+            }
+            if let Some(e) = args.operator_listen {
+                cfg.operator_listen = Some(e);
             }
             cfg.agents
                 .extend(cinderblock::cli::parse_agent_flags(&args.agents)?);
@@ -113,6 +118,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ops::bench::print_report(&report, output);
             ops::bench::failures(&report, "CreateVolume")?;
         }
+        Command::Volume(args) => runtime()?.block_on(ops::operator::volume(args))?,
+        Command::Snapshot(args) => runtime()?.block_on(ops::operator::snapshot(args))?,
+        Command::Pool(args) => runtime()?.block_on(ops::operator::pool(args))?,
+        Command::Type(args) => runtime()?.block_on(ops::operator::volume_type(args))?,
     }
     Ok(())
 }

@@ -18,11 +18,13 @@ use crate::csi::identity::{IdentityService, Services};
 use crate::exec::Runner;
 use crate::health::{self, Dependency, HealthError, Readiness};
 use crate::metrics::{self, MetricsError};
+use crate::operator::OperatorService;
 use crate::proto::agent::agent_server::AgentServer;
 use crate::proto::csi::controller_server::ControllerServer;
 use crate::proto::csi::identity_client::IdentityClient;
 use crate::proto::csi::identity_server::IdentityServer;
 use crate::proto::csi::ProbeRequest;
+use crate::proto::operator::operator_server::OperatorServer;
 use crate::tls::{self, ClientTls, TlsError};
 use crate::transport::{self, Endpoint, TransportError};
 
@@ -117,22 +119,70 @@ pub async fn run_controller(
         node: false,
     };
     tracing::info!(endpoint = %cfg.endpoint, agents = cfg.agents.len(), agent_tls = tls.is_some(), "controller serving");
-    let controller = controller_service(&cfg, tls.as_ref(), shutdown.clone()).await?;
+    let (controller, operator) = controller_service(&cfg, tls.as_ref(), shutdown.clone()).await?;
     let router = Server::builder()
         .add_service(identity(services, readiness))
-        .add_service(controller);
-    transport::serve(router, &cfg.endpoint, shutdown).await?;
+        .add_service(controller)
+        .add_service(operator.clone());
+    serve_with_operator(
+        router,
+        &cfg.endpoint,
+        operator,
+        cfg.operator_listen.as_ref(),
+        shutdown,
+    )
+    .await
+}
+
+/// Serves `router` on `endpoint` and, when `operator_listen` is another endpoint, the operator
+/// API alone there too. When either server stops, the other is shut down.
+async fn serve_with_operator(
+    router: tonic::transport::server::Router,
+    endpoint: &Endpoint,
+    operator: OperatorServer<OperatorService>,
+    operator_listen: Option<&Endpoint>,
+    shutdown: CancellationToken,
+) -> Result<(), RoleError> {
+    let second = operator_listen.filter(|e| *e != endpoint);
+    let main = async {
+        let r = transport::serve(router, endpoint, shutdown.clone()).await;
+        shutdown.cancel();
+        r
+    };
+    let extra = async {
+        let Some(listen) = second else {
+            return Ok(());
+        };
+        tracing::info!(%listen, "operator API serving");
+        let r = transport::serve(
+            Server::builder().add_service(operator),
+            listen,
+            shutdown.clone(),
+        )
+        .await;
+        shutdown.cancel();
+        r
+    };
+    let (main, extra) = tokio::join!(main, extra);
+    main?;
+    extra?;
     Ok(())
 }
 
-/// The CSI Controller service over a [`Controller`] reaching every configured agent, with the
-/// task that lists the agents and refreshes pool statistics (first at once, then every
-/// `stats_interval_secs`) until `shutdown`.
+/// The CSI Controller service and the operator API over a [`Controller`] reaching every
+/// configured agent, with the task that lists the agents and refreshes pool statistics (first
+/// at once, then every `stats_interval_secs`) until `shutdown`.
 async fn controller_service(
     cfg: &ControllerConfig,
     tls: Option<&ClientTls>,
     shutdown: CancellationToken,
-) -> Result<ControllerServer<ControllerService>, RoleError> {
+) -> Result<
+    (
+        ControllerServer<ControllerService>,
+        OperatorServer<OperatorService>,
+    ),
+    RoleError,
+> {
     let mut agents: Vec<Arc<dyn StorageAgent>> = Vec::with_capacity(cfg.agents.len());
     for a in &cfg.agents {
         agents.push(Arc::new(
@@ -142,7 +192,10 @@ async fn controller_service(
     let controller = Arc::new(Controller::new(Settings::from_config(cfg), agents)?);
     let interval = Duration::from_secs(cfg.stats_interval_secs.max(1));
     tokio::spawn(controller.clone().run_refresh(interval, shutdown));
-    Ok(ControllerServer::new(ControllerService::new(controller)))
+    Ok((
+        ControllerServer::new(ControllerService::new(controller.clone())),
+        OperatorServer::new(OperatorService::new(controller)),
+    ))
 }
 
 /// The controller's TLS credentials for agents (`[agent_tls]`), read now.
@@ -296,11 +349,20 @@ pub async fn run_all(
         node: !without_node,
     };
     tracing::info!(%endpoint, node = !without_node, "all-in-one serving");
-    let controller = controller_service(&cfg.controller, tls.as_ref(), shutdown.clone()).await?;
+    let (controller, operator) =
+        controller_service(&cfg.controller, tls.as_ref(), shutdown.clone()).await?;
     let router = Server::builder()
         .add_service(identity(services, readiness))
-        .add_service(controller);
-    let csi = transport::serve(router, &endpoint, shutdown.clone()).await;
+        .add_service(controller)
+        .add_service(operator.clone());
+    let csi = serve_with_operator(
+        router,
+        &endpoint,
+        operator,
+        cfg.controller.operator_listen.as_ref(),
+        shutdown.clone(),
+    )
+    .await;
     shutdown.cancel();
     agent.await??;
     csi?;

@@ -350,8 +350,18 @@ extra_specs = { media = "ssd" }
                 },
             )),
         });
-        let b = c.create_volume(r).await.unwrap().into_inner().volume.unwrap();
-        assert_eq!(sha8("stor", &b.volume_id), sha, "restored from the snapshot");
+        let b = c
+            .create_volume(r)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        assert_eq!(
+            sha8("stor", &b.volume_id),
+            sha,
+            "restored from the snapshot"
+        );
 
         // Clone across nodes: the source on stor, the clone must live on comp.
         let mut r = req("e2e-c", "thick", "z-comp", 64 * MIB);
@@ -362,7 +372,13 @@ extra_specs = { media = "ssd" }
                 },
             )),
         });
-        let cl = c.create_volume(r).await.unwrap().into_inner().volume.unwrap();
+        let cl = c
+            .create_volume(r)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
         assert_eq!(zone_of(&cl), "z-comp");
         assert_eq!(holder(&cl.volume_id), ["comp"]);
         assert_eq!(sha8("comp", &cl.volume_id), sha, "cloned across nodes");
@@ -381,9 +397,15 @@ extra_specs = { media = "ssd" }
             .await
             .unwrap()
             .into_inner();
-        assert_eq!((grown.capacity_bytes, grown.node_expansion_required), (128 * MIB, true));
         assert_eq!(
-            sh("stor", &format!("blockdev --getsize64 /dev/cinder-volumes/volume-{id_a}")),
+            (grown.capacity_bytes, grown.node_expansion_required),
+            (128 * MIB, true)
+        );
+        assert_eq!(
+            sh(
+                "stor",
+                &format!("blockdev --getsize64 /dev/cinder-volumes/volume-{id_a}")
+            ),
             (128 * MIB).to_string()
         );
         assert_eq!(sha8("stor", &id_a), sha, "data kept by the expand");
@@ -397,13 +419,24 @@ extra_specs = { media = "ssd" }
         .await
         .unwrap();
         let now_on = holder(&cl.volume_id);
-        assert_eq!(now_on.len(), 1, "exactly one copy after the migration: {now_on:?}");
+        assert_eq!(
+            now_on.len(),
+            1,
+            "exactly one copy after the migration: {now_on:?}"
+        );
         let lv_pool = sh(
             &now_on[0],
-            &format!("lvs --noheadings -o pool_lv cinder-volumes/volume-{} | tr -d ' '", cl.volume_id),
+            &format!(
+                "lvs --noheadings -o pool_lv cinder-volumes/volume-{} | tr -d ' '",
+                cl.volume_id
+            ),
         );
         assert_eq!(lv_pool, "pool0", "migrated into the thin pool");
-        assert_eq!(sha8(&now_on[0], &cl.volume_id), sha, "migrated with its bytes");
+        assert_eq!(
+            sha8(&now_on[0], &cl.volume_id),
+            sha,
+            "migrated with its bytes"
+        );
 
         // Cinder's delete rules.
         let err = c

@@ -152,7 +152,13 @@ pub enum AgentVolumeStatus {
     Extending,
     /// Failed.
     Error,
-    /// Any state the controller does not distinguish.
+    /// A backup is reading it.
+    BackingUp,
+    /// A backup is being restored into it.
+    Restoring,
+    /// Taken out of service by an operator.
+    Maintenance,
+    /// Unspecified, or a state this controller does not know.
     Other,
 }
 
@@ -449,13 +455,10 @@ fn volume_from_pb(v: pb::Volume) -> Result<VolumeInfo, AgentClientError> {
         Ok(pb::VolumeStatus::Deleting) => AgentVolumeStatus::Deleting,
         Ok(pb::VolumeStatus::Extending) => AgentVolumeStatus::Extending,
         Ok(pb::VolumeStatus::Error) => AgentVolumeStatus::Error,
-        Ok(
-            pb::VolumeStatus::Unspecified
-            | pb::VolumeStatus::BackingUp
-            | pb::VolumeStatus::Restoring
-            | pb::VolumeStatus::Maintenance,
-        )
-        | Err(_) => AgentVolumeStatus::Other,
+        Ok(pb::VolumeStatus::BackingUp) => AgentVolumeStatus::BackingUp,
+        Ok(pb::VolumeStatus::Restoring) => AgentVolumeStatus::Restoring,
+        Ok(pb::VolumeStatus::Maintenance) => AgentVolumeStatus::Maintenance,
+        Ok(pb::VolumeStatus::Unspecified) | Err(_) => AgentVolumeStatus::Other,
     };
     Ok(VolumeInfo {
         id: vid(&v.id)?,

@@ -19,31 +19,34 @@
 //! per-name guard. The one lock ([`Controller::state`]) is never held across `.await`.
 
 pub mod guard;
+mod inventory;
 pub mod model;
 mod publish;
 mod snapshots;
+pub mod status;
 #[cfg(test)]
 mod tests;
 mod volumes;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{SnapshotId, VolumeId};
 use crate::agent_rpc::client::{
-    AgentClientError, AgentErrorKind, AgentVolumeStatus, PoolStats, SnapshotInfo, StorageAgent,
-    VolumeInfo,
+    AgentClientError, AgentErrorKind, PoolStats, SnapshotInfo, StorageAgent, VolumeInfo,
 };
 use crate::scheduler::{
     PoolRef, PoolSet, PoolState, Provisioning, Request, Scheduler, SchedulerConfig, SchedulerError,
 };
 use crate::types::Bytes;
 
-pub use guard::Guards;
+pub use guard::{Guards, Operation};
+pub use inventory::*;
 pub use model::*;
+pub use status::{snapshot_status, volume_status, CinderStatus, SnapshotStatus, StatusInputs};
 
 /// Everything that can go wrong in the controller. The one mapping to gRPC codes is
 /// `crate::csi::status`.
@@ -175,6 +178,7 @@ impl Settings {
                         name.clone(),
                         VolumeType {
                             name: name.clone(),
+                            description: t.description.clone(),
                             extra_specs: t.extra_specs.clone(),
                         },
                     )
@@ -223,6 +227,11 @@ struct State {
     portals: BTreeMap<PoolRef, Vec<String>>,
     /// Why a pool is unhealthy (agent unreachable, pool unreadable).
     unhealthy: BTreeMap<PoolRef, String>,
+    /// Each pool's last report as its agent sent it (kind, snapshot count, ...: what the
+    /// scheduler's [`PoolState`] leaves out).
+    reports: BTreeMap<PoolRef, PoolStats>,
+    /// When each agent last answered ListPools.
+    reported_at: BTreeMap<String, Instant>,
     pending: BTreeMap<VolumeId, Charge>,
 }
 
@@ -351,6 +360,7 @@ impl Controller {
             .cloned()
             .unwrap_or_else(|| VolumeType {
                 name: name.to_owned(),
+                description: String::new(),
                 extra_specs: BTreeMap::new(),
             })
     }
@@ -483,7 +493,9 @@ impl Controller {
                     st.pools.remove(&id);
                     st.portals.remove(&id);
                     st.unhealthy.remove(&id);
+                    st.reports.remove(&id);
                 }
+                st.reported_at.insert(agent.to_owned(), Instant::now());
                 for p in &pools {
                     let state = pool_state(agent, p);
                     let id = state.id.clone();
@@ -492,7 +504,8 @@ impl Controller {
                     } else {
                         st.unhealthy.insert(id.clone(), p.unhealthy_reason.clone());
                     }
-                    st.portals.insert(id, p.portals.clone());
+                    st.portals.insert(id.clone(), p.portals.clone());
+                    st.reports.insert(id, p.clone());
                     st.pools.upsert(state);
                 }
                 // Placements still in flight are not in the agent's figures yet.
@@ -620,6 +633,14 @@ impl Controller {
 
     /// The controller's view of an index entry.
     fn view(&self, e: &VolumeEntry) -> VolumeView {
+        let in_flight = self.guards.operation(&guard::volume_key(&e.info.id));
+        let status = volume_status(StatusInputs {
+            agent: e.info.status,
+            exported: !e.info.exported_to.is_empty(),
+            populating: e.info.metadata.contains_key(volumes::POPULATING),
+            migration_target: e.info.metadata.contains_key(meta::MIGRATION),
+            in_flight,
+        });
         let st = self.state();
         let pool = PoolRef::new(&e.agent, &e.info.pool);
         let zone = st
@@ -631,22 +652,10 @@ impl Controller {
             .unhealthy
             .get(&pool)
             .map(|r| format!("pool {pool} is unhealthy: {r}"));
-        let status = match e.info.status {
-            AgentVolumeStatus::Error => {
-                abnormal.get_or_insert_with(|| "the agent reports an error".to_owned());
-                CinderStatus::Error
-            }
-            AgentVolumeStatus::Creating => CinderStatus::Creating,
-            AgentVolumeStatus::Deleting => CinderStatus::Deleting,
-            AgentVolumeStatus::Extending => CinderStatus::Extending,
-            AgentVolumeStatus::InUse => CinderStatus::InUse,
-            AgentVolumeStatus::Available | AgentVolumeStatus::Other
-                if !e.info.exported_to.is_empty() =>
-            {
-                CinderStatus::InUse
-            }
-            AgentVolumeStatus::Available | AgentVolumeStatus::Other => CinderStatus::Available,
-        };
+        if status == CinderStatus::Error {
+            abnormal.get_or_insert_with(|| "the agent reports an error".to_owned());
+        }
+        let attachments = attachments(&e.info);
         VolumeView {
             id: e.info.id.clone(),
             name: e.info.metadata.get(meta::NAME).cloned(),
@@ -670,14 +679,18 @@ impl Controller {
                         }
                     })
                 }),
-            published_nodes: published_nodes(&e.info),
+            published_nodes: attachments.iter().map(node_id_text).collect(),
+            attachments,
             abnormal,
             status,
             snapshot_count: e.info.snapshot_count,
+            created_at: e.info.created_at,
+            metadata: e.info.metadata.clone(),
         }
     }
 
-    fn snapshot_view(e: &SnapshotEntry) -> SnapshotView {
+    fn snapshot_view(&self, e: &SnapshotEntry) -> SnapshotView {
+        let in_flight = self.guards.operation(&guard::snapshot_key(&e.info.id));
         SnapshotView {
             id: e.info.id.clone(),
             name: e.info.metadata.get(meta::NAME).cloned(),
@@ -685,22 +698,38 @@ impl Controller {
             size: e.info.size,
             created_at: e.info.created_at,
             ready_to_use: e.info.ready_to_use,
+            status: snapshot_status(e.info.ready_to_use, in_flight),
             agent: e.agent.clone(),
             pool: e.info.pool.clone(),
         }
     }
 }
 
+/// Where a volume is exported: each initiator, with the host from the `csi.node.<iqn>`
+/// metadata when the controller made the export.
+pub fn attachments(info: &VolumeInfo) -> Vec<Attachment> {
+    info.exported_to
+        .iter()
+        .map(|iqn| Attachment {
+            host: info
+                .metadata
+                .get(&format!("{}{iqn}", meta::NODE_PREFIX))
+                .cloned(),
+            initiator: iqn.clone(),
+        })
+        .collect()
+}
+
+/// The CSI node id of an attachment: `<host>/<iqn>`, or the IQN alone when the host is unknown.
+fn node_id_text(a: &Attachment) -> String {
+    match &a.host {
+        Some(host) => format!("{host}/{}", a.initiator),
+        None => a.initiator.clone(),
+    }
+}
+
 /// Node ids a volume is published to: `<host>/<iqn>` from the `csi.node.<iqn>` metadata, or
 /// the IQN alone for an export made outside the controller.
 pub fn published_nodes(info: &VolumeInfo) -> Vec<String> {
-    info.exported_to
-        .iter()
-        .map(
-            |iqn| match info.metadata.get(&format!("{}{iqn}", meta::NODE_PREFIX)) {
-                Some(host) => format!("{host}/{iqn}"),
-                None => iqn.clone(),
-            },
-        )
-        .collect()
+    attachments(info).iter().map(node_id_text).collect()
 }

@@ -6,7 +6,7 @@ use std::fmt;
 
 use uuid::Uuid;
 
-use super::ControllerError;
+use super::{CinderStatus, ControllerError, SnapshotStatus};
 use crate::agent::{Iqn, SnapshotId, VolumeId};
 use crate::types::Bytes;
 
@@ -269,6 +269,8 @@ pub struct CreateVolume {
 pub struct VolumeType {
     /// Name (the StorageClass `type` parameter).
     pub name: String,
+    /// What it is for, for operators.
+    pub description: String,
     /// Extra specs matched against pool capabilities.
     pub extra_specs: BTreeMap<String, String>,
 }
@@ -444,38 +446,6 @@ impl VolumeSpec {
     }
 }
 
-/// Cinder's volume statuses, derived from the agent's state and the controller's guards.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum CinderStatus {
-    /// Being created.
-    Creating,
-    /// Not attached.
-    Available,
-    /// Exported to at least one node.
-    InUse,
-    /// Being deleted.
-    Deleting,
-    /// Being extended.
-    Extending,
-    /// Failed.
-    Error,
-}
-
-impl CinderStatus {
-    /// Cinder's spelling.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            CinderStatus::Creating => "creating",
-            CinderStatus::Available => "available",
-            CinderStatus::InUse => "in-use",
-            CinderStatus::Deleting => "deleting",
-            CinderStatus::Extending => "extending",
-            CinderStatus::Error => "error",
-        }
-    }
-}
-
 /// A volume as the controller reports it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct VolumeView {
@@ -497,12 +467,27 @@ pub struct VolumeView {
     pub source: Option<ContentSource>,
     /// Node ids it is published to (`<host>/<iqn>`, or the IQN alone when the host is unknown).
     pub published_nodes: Vec<String>,
+    /// The same exports as host and initiator.
+    pub attachments: Vec<Attachment>,
     /// Why the volume is abnormal, if it is.
     pub abnormal: Option<String>,
     /// Cinder status.
     pub status: CinderStatus,
     /// Snapshots of it.
     pub snapshot_count: u32,
+    /// Creation time, as the agent reports it.
+    pub created_at: Option<std::time::SystemTime>,
+    /// Metadata stored with the volume (the controller's `csi.*` keys included).
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// A node a volume is exported to.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Attachment {
+    /// The node's host name (`None` for an export made outside the controller).
+    pub host: Option<String>,
+    /// The node's initiator IQN.
+    pub initiator: String,
 }
 
 /// A snapshot as the controller reports it.
@@ -520,6 +505,8 @@ pub struct SnapshotView {
     pub created_at: Option<std::time::SystemTime>,
     /// Usable as a source.
     pub ready_to_use: bool,
+    /// Cinder status.
+    pub status: SnapshotStatus,
     /// Agent holding it.
     pub agent: String,
     /// Pool.
@@ -625,6 +612,7 @@ mod tests {
     fn vtype(specs: &[(&str, &str)]) -> VolumeType {
         VolumeType {
             name: "t".into(),
+            description: String::new(),
             extra_specs: specs
                 .iter()
                 .map(|(k, v)| (k.to_string(), v.to_string()))

@@ -1,7 +1,7 @@
 //! ControllerPublishVolume / ControllerUnpublishVolume: Cinder's initialize_connection and
 //! terminate_connection, through the agent's ExportVolume / UnexportVolume.
 
-use super::guard::volume_key;
+use super::guard::{volume_key, Operation};
 use super::{
     access_is_multi_node, meta, Capability, Controller, ControllerError, NodeId, PublishInfo,
 };
@@ -20,7 +20,7 @@ impl Controller {
         let id = VolumeId::parse(raw_id).map_err(|_| not_found())?;
         let node = NodeId::parse(raw_node)
             .ok_or_else(|| ControllerError::NodeNotFound(raw_node.into()))?;
-        let _guard = self.guards.try_lock(volume_key(&id))?;
+        let _guard = self.guards.try_lock(volume_key(&id), Operation::Publish)?;
         let entry = self.lookup_volume(&id).await?.ok_or_else(not_found)?;
         let vtype = self.stored_type(&entry.info.volume_type);
         cap.check(&vtype)
@@ -83,7 +83,9 @@ impl Controller {
                 None => return Ok(()), // no such node, so not published there
             }
         };
-        let _guard = self.guards.try_lock(volume_key(&id))?;
+        let _guard = self
+            .guards
+            .try_lock(volume_key(&id), Operation::Unpublish)?;
         let Some(entry) = self.lookup_volume(&id).await? else {
             return Ok(());
         };

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::guard::snapshot_key;
+use super::guard::{snapshot_key, Operation};
 use super::{
     check_snapshot_parameters, meta, paginate, Controller, ControllerError, Page, SnapshotEntry,
     SnapshotView,
@@ -20,10 +20,10 @@ impl Controller {
     ) -> Result<SnapshotView, ControllerError> {
         check_snapshot_parameters(parameters)?;
         let id = super::snapshot_id_for(name);
-        let _guard = self.guards.try_lock(snapshot_key(&id))?;
+        let _guard = self.guards.try_lock(snapshot_key(&id), Operation::Create)?;
         if let Some(existing) = self.lookup_snapshot(&id).await? {
             if existing.info.source_volume.as_str() == raw_source {
-                return Ok(Self::snapshot_view(&existing));
+                return Ok(self.snapshot_view(&existing));
             }
             return Err(ControllerError::AlreadyExists {
                 what: "snapshot",
@@ -55,7 +55,7 @@ impl Controller {
             }
         }
         tracing::info!(snapshot = %id, name, volume = %source, "snapshot created");
-        Ok(Self::snapshot_view(&entry))
+        Ok(self.snapshot_view(&entry))
     }
 
     /// DeleteSnapshot: an unknown snapshot is already deleted.
@@ -63,7 +63,7 @@ impl Controller {
         let Ok(id) = SnapshotId::parse(raw_id) else {
             return Ok(());
         };
-        let _guard = self.guards.try_lock(snapshot_key(&id))?;
+        let _guard = self.guards.try_lock(snapshot_key(&id), Operation::Delete)?;
         let Some(entry) = self.lookup_snapshot(&id).await? else {
             return Ok(());
         };
@@ -85,7 +85,7 @@ impl Controller {
         let not_found = || ControllerError::SnapshotNotFound(raw_id.to_owned());
         let id = SnapshotId::parse(raw_id).map_err(|_| not_found())?;
         let entry = self.lookup_snapshot(&id).await?.ok_or_else(not_found)?;
-        Ok(Self::snapshot_view(&entry))
+        Ok(self.snapshot_view(&entry))
     }
 
     /// ListSnapshots, filtered by snapshot id and/or source volume id (an unknown one gives an
@@ -108,7 +108,7 @@ impl Controller {
             .filter(|e| {
                 source_volume_id.is_empty() || e.info.source_volume.as_str() == source_volume_id
             })
-            .map(Self::snapshot_view)
+            .map(|e| self.snapshot_view(e))
             .collect();
         paginate(views, max_entries, token)
     }

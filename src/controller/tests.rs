@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::Code;
 
 use super::*;
-use crate::agent_rpc::client::{AgentClientError, AgentErrorKind, FakeAgent, FakePool};
+use crate::agent_rpc::client::{AgentClientError, AgentErrorKind, FakeAgent, FakePool, PoolKind};
 use crate::csi::status::code;
 
 const G: u64 = Bytes::GIB;
@@ -19,6 +19,7 @@ fn types() -> BTreeMap<String, VolumeType> {
             name.to_owned(),
             VolumeType {
                 name: name.to_owned(),
+                description: String::new(),
                 extra_specs: specs
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -1037,6 +1038,7 @@ async fn invalid_volume_types_are_refused_at_start() {
         "broken".into(),
         VolumeType {
             name: "broken".into(),
+            description: String::new(),
             extra_specs: BTreeMap::from([("iops".to_string(), ">= lots".to_string())]),
         },
     );
@@ -1053,5 +1055,271 @@ async fn invalid_volume_types_are_refused_at_start() {
             "internal error: volume type \"broken\": extra spec iops=\">= lots\" is invalid"
                 .to_string()
         )
+    );
+}
+
+/// The ids and statuses an inventory list shows.
+fn statuses(
+    page: &Result<Page<VolumeView>, ControllerError>,
+) -> Result<Vec<(String, &'static str)>, String> {
+    page.as_ref()
+        .map(|p| {
+            p.entries
+                .iter()
+                .map(|v| (v.name.clone().unwrap_or_default(), v.status.as_str()))
+                .collect()
+        })
+        .map_err(|e| e.to_string())
+}
+
+#[tokio::test]
+async fn inventory_shows_cinder_statuses_and_filters() {
+    let agents = three();
+    let c = controller(&agents).await;
+    let ssd = c
+        .create_volume(with_param(req("inv-ssd", 1), "type", "ssd"))
+        .await;
+    let hdd = c
+        .create_volume(with_param(req("inv-hdd", 2), "type", "hdd"))
+        .await;
+    assert_eq!(
+        [placed(&ssd), placed(&hdd)],
+        [Ok("a#p".to_string()), Ok("b#p".to_string())]
+    );
+    let hdd_id = volume_id_for("inv-hdd").to_string();
+    assert_eq!(
+        code_of(&c.publish_volume(&hdd_id, NODE1, &mount()).await),
+        Code::Ok
+    );
+
+    let all = VolumeFilter::default();
+    let mut want = vec![("inv-ssd", "available"), ("inv-hdd", "in-use")];
+    want.sort_by_key(|(n, _)| volume_id_for(n).to_string());
+    let want: Vec<(String, &str)> = want.into_iter().map(|(n, s)| (n.to_string(), s)).collect();
+    assert_eq!(statuses(&c.inventory_volumes(&all, 0, "").await), Ok(want));
+
+    // (pool filter, status filter, names or the error)
+    type Case<'a> = (&'a str, &'a str, Result<Vec<&'a str>, &'a str>);
+    let cases: [Case<'_>; 7] = [
+        ("", "in-use", Ok(vec!["inv-hdd"])),
+        ("", "in_use", Ok(vec!["inv-hdd"])),
+        ("", "available", Ok(vec!["inv-ssd"])),
+        ("a#p", "", Ok(vec!["inv-ssd"])),
+        ("b#p", "available", Ok(vec![])),
+        ("c#p", "", Ok(vec![])),
+        (
+            "",
+            "attached",
+            Err(
+                "invalid argument: unknown status \"attached\" (known: creating, available, \
+                 attaching, in-use, detaching, deleting, extending, retyping, backing-up, \
+                 restoring-backup, maintenance, error)",
+            ),
+        ),
+    ];
+    for (pool, status, want) in cases {
+        let got = match VolumeFilter::parse(pool, status) {
+            Ok(f) => c
+                .inventory_volumes(&f, 0, "")
+                .await
+                .map(|p| {
+                    p.entries
+                        .into_iter()
+                        .filter_map(|v| v.name)
+                        .collect::<Vec<_>>()
+                })
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let want = want
+            .map(|v| v.into_iter().map(str::to_owned).collect::<Vec<_>>())
+            .map_err(str::to_owned);
+        assert_eq!(got, want, "{pool:?} {status:?}");
+    }
+    // The pool name alone matches on every agent ("p" is on all three).
+    let by_name = c
+        .inventory_volumes(&VolumeFilter::parse("p", "").unwrap_or_default(), 0, "")
+        .await
+        .map(|p| p.entries.len());
+    assert_eq!(by_name.map_err(|e| e.to_string()), Ok(2));
+
+    // The in-use volume shows where it is attached, with the node's host.
+    let shown = c.volume_by_name("inv-hdd").await;
+    assert_eq!(
+        shown
+            .as_ref()
+            .map(|v| (v.id.to_string(), v.attachments.clone(), v.capacity))
+            .map_err(|e| e.to_string()),
+        Ok((
+            hdd_id.clone(),
+            vec![Attachment {
+                host: Some("node-1".into()),
+                initiator: "iqn.1993-08.org.debian:01:aaa".into()
+            }],
+            Bytes::gib(2)
+        ))
+    );
+    assert_eq!(
+        c.volume_by_name("nobody")
+            .await
+            .map(|v| v.id)
+            .map_err(|e| e.to_string()),
+        Err("volume nobody not found".to_string())
+    );
+    // An id is not a name.
+    assert_eq!(code_of(&c.volume_by_name(&hdd_id).await), Code::NotFound);
+
+    // An agent that does not answer: its volumes come from the index, marked abnormal.
+    agents[1].set_down(true);
+    let listed = c.inventory_volumes(&all, 0, "").await;
+    let hdd_row = listed
+        .as_ref()
+        .ok()
+        .and_then(|p| p.entries.iter().find(|v| v.id.as_str() == hdd_id))
+        .map(|v| (v.status, v.abnormal.clone()));
+    assert_eq!(
+        hdd_row,
+        Some((
+            CinderStatus::InUse,
+            Some("agent b does not answer: agent is down".to_string())
+        ))
+    );
+    agents[1].set_down(false);
+}
+
+#[tokio::test]
+async fn inventory_shows_operations_in_flight() {
+    let agents = three();
+    let c = Arc::new(controller(&agents).await);
+    let _ = c.create_volume(req("busy", 1)).await;
+    let id = volume_id_for("busy").to_string();
+    agents[0].set_latency(Duration::from_millis(300));
+    let deleting = {
+        let c = c.clone();
+        let id = id.clone();
+        tokio::spawn(async move { c.delete_volume(&id).await })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let listed = c.inventory_volumes(&VolumeFilter::default(), 0, "").await;
+    assert_eq!(
+        statuses(&listed),
+        Ok(vec![("busy".to_string(), "deleting")])
+    );
+    let done = deleting.await.map_err(|e| e.to_string());
+    assert_eq!(done.map(|r| r.map_err(|e| e.to_string())), Ok(Ok(())));
+    agents[0].set_latency(Duration::ZERO);
+    let listed = c.inventory_volumes(&VolumeFilter::default(), 0, "").await;
+    assert_eq!(statuses(&listed), Ok(vec![]));
+}
+
+#[tokio::test]
+async fn inventory_of_snapshots_pools_and_types() {
+    let agents = three();
+    let c = controller(&agents).await;
+    let _ = c
+        .create_volume(with_param(req("s-src", 1), "type", "ssd"))
+        .await;
+    let _ = c
+        .create_volume(with_param(req("s-other", 1), "type", "hdd"))
+        .await;
+    let src = volume_id_for("s-src").to_string();
+    let other = volume_id_for("s-other").to_string();
+    for (name, vol) in [("snap-a", &src), ("snap-b", &src), ("snap-c", &other)] {
+        assert_eq!(
+            code_of(&c.create_snapshot(name, vol, &BTreeMap::new()).await),
+            Code::Ok
+        );
+    }
+    let names = |r: Result<Page<SnapshotView>, ControllerError>| {
+        r.map(|p| {
+            let mut v: Vec<(String, &'static str, String)> = p
+                .entries
+                .into_iter()
+                .map(|s| {
+                    (
+                        s.name.unwrap_or_default(),
+                        s.status.as_str(),
+                        s.source_volume.to_string(),
+                    )
+                })
+                .collect();
+            v.sort();
+            v
+        })
+        .map_err(|e| e.to_string())
+    };
+    assert_eq!(
+        names(c.inventory_snapshots(&src, 0, "").await),
+        Ok(vec![
+            ("snap-a".to_string(), "available", src.clone()),
+            ("snap-b".to_string(), "available", src.clone()),
+        ])
+    );
+    assert_eq!(
+        names(c.inventory_snapshots("", 0, "").await).map(|v| v.len()),
+        Ok(3)
+    );
+    assert_eq!(
+        names(c.inventory_snapshots("no-such-volume", 0, "").await),
+        Ok(vec![])
+    );
+
+    c.refresh_pools().await;
+    let pools: Vec<(String, u64, u64, bool, Option<PoolKind>)> = c
+        .pool_reports()
+        .into_iter()
+        .map(|p| {
+            (
+                p.id.to_string(),
+                p.volume_count,
+                p.snapshot_count,
+                p.healthy,
+                p.kind,
+            )
+        })
+        .collect();
+    let fake = Some(PoolKind::LvmThin);
+    assert_eq!(
+        pools,
+        vec![
+            ("a#p".to_string(), 1, 2, true, fake),
+            ("b#p".to_string(), 1, 1, true, fake),
+            ("c#p".to_string(), 0, 0, true, fake),
+        ]
+    );
+    assert!(c
+        .pool_reports()
+        .iter()
+        .all(|p| p.stats_age.is_some_and(|a| a < Duration::from_secs(5))));
+    agents[2].set_down(true);
+    c.refresh_pools().await;
+    let down: Vec<(bool, Option<String>)> = c
+        .pool_reports()
+        .into_iter()
+        .filter(|p| p.id.agent == "c")
+        .map(|p| (p.healthy, p.unhealthy_reason))
+        .collect();
+    assert_eq!(
+        down,
+        vec![(
+            false,
+            Some("agent does not answer: agent is down".to_string())
+        )]
+    );
+
+    let types: Vec<(String, bool)> = c
+        .type_reports()
+        .into_iter()
+        .map(|t| (t.volume_type.name, t.is_default))
+        .collect();
+    assert_eq!(
+        types,
+        vec![
+            ("default".to_string(), true),
+            ("hdd".to_string(), false),
+            ("nvme".to_string(), false),
+            ("shared".to_string(), false),
+            ("ssd".to_string(), false),
+        ]
     );
 }

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::guard::volume_key;
+use super::guard::{volume_key, Operation};
 use super::{
     access_has_mount, meta, paginate, Access, Capability, CapacityRange, Charge, Controller,
     ControllerError, CreateVolume, Page, Parameters, VolumeEntry, VolumeSpec, VolumeType,
@@ -17,7 +17,7 @@ use crate::scheduler::{
 use crate::types::Bytes;
 
 /// Marks a volume whose content is still being copied in from another pool.
-const POPULATING: &str = "csi.populating";
+pub(super) const POPULATING: &str = "csi.populating";
 
 /// Where a new volume's content comes from, resolved through the index.
 #[derive(Clone, Debug)]
@@ -74,7 +74,7 @@ impl Controller {
     /// CreateVolume: idempotent by name (see the module docs of [`super`]).
     pub async fn create_volume(&self, req: CreateVolume) -> Result<VolumeView, ControllerError> {
         let id = super::volume_id_for(&req.name);
-        let _guard = self.guards.try_lock(volume_key(&id))?;
+        let _guard = self.guards.try_lock(volume_key(&id), Operation::Create)?;
         let params = Parameters::parse(&req.parameters, &req.mutable_parameters)?;
         let vtype = self.volume_type(params.volume_type.as_deref())?.clone();
         for cap in &req.capabilities {
@@ -376,7 +376,7 @@ impl Controller {
         let Ok(id) = VolumeId::parse(raw_id) else {
             return Ok(()); // no volume can have this id
         };
-        let _guard = self.guards.try_lock(volume_key(&id))?;
+        let _guard = self.guards.try_lock(volume_key(&id), Operation::Delete)?;
         let Some(entry) = self.lookup_volume(&id).await? else {
             return Ok(());
         };
@@ -417,7 +417,7 @@ impl Controller {
         })?;
         let not_found = || ControllerError::VolumeNotFound(raw_id.to_owned());
         let id = VolumeId::parse(raw_id).map_err(|_| not_found())?;
-        let _guard = self.guards.try_lock(volume_key(&id))?;
+        let _guard = self.guards.try_lock(volume_key(&id), Operation::Extend)?;
         let entry = self.lookup_volume(&id).await?.ok_or_else(not_found)?;
         let fresh = self.observe_volume(&entry).await?.ok_or_else(not_found)?;
         let node_expansion = match access {
@@ -617,7 +617,7 @@ impl Controller {
         let vtype = self.volume_type(Some(&new_type))?.clone();
         let not_found = || ControllerError::VolumeNotFound(raw_id.to_owned());
         let id = VolumeId::parse(raw_id).map_err(|_| not_found())?;
-        let _guard = self.guards.try_lock(volume_key(&id))?;
+        let _guard = self.guards.try_lock(volume_key(&id), Operation::Retype)?;
         let entry = self.lookup_volume(&id).await?.ok_or_else(not_found)?;
         let fresh = self.observe_volume(&entry).await?.ok_or_else(not_found)?;
         if fresh.info.volume_type == vtype.name {

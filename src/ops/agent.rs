@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::OpsError;
+use super::{emit, OpsError};
 use crate::cli::OutputFormat;
 use crate::proto::agent as pb;
 use crate::proto::agent::agent_client::AgentClient;
@@ -228,35 +228,6 @@ fn volume_json(v: &pb::Volume) -> serde_json::Value {
 
 fn snapshot_json(s: &pb::Snapshot) -> serde_json::Value {
     json!({"id": s.id, "volume": s.source_volume_id, "pool": s.pool, "size_bytes": s.size_bytes, "ready": s.ready_to_use})
-}
-
-/// Prints rows as an aligned table (first row = header) or the JSON value.
-fn emit(format: OutputFormat, value: serde_json::Value, rows: Vec<Vec<String>>) {
-    match format {
-        OutputFormat::Json => println!(
-            "{}",
-            serde_json::to_string_pretty(&value).unwrap_or_default()
-        ),
-        OutputFormat::Table => {
-            let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
-            let widths: Vec<usize> = (0..cols)
-                .map(|i| {
-                    rows.iter()
-                        .map(|r| r.get(i).map_or(0, String::len))
-                        .max()
-                        .unwrap_or(0)
-                })
-                .collect();
-            for r in rows {
-                let line: Vec<String> = r
-                    .iter()
-                    .enumerate()
-                    .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-                    .collect();
-                println!("{}", line.join("  ").trim_end());
-            }
-        }
-    }
 }
 
 fn volume_rows(vols: &[pb::Volume]) -> Vec<Vec<String>> {

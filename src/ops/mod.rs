@@ -2,8 +2,9 @@
 
 pub mod agent;
 pub mod bench;
+pub mod operator;
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
 
@@ -58,6 +59,22 @@ pub enum OpsError {
     /// `--wait` ran out before the plugin became ready.
     #[error("not ready after {0:?}")]
     NotReady(Duration),
+    /// `show` of an object that no id and no CSI name designates.
+    #[error("{what} {key:?} not found (no {what} has this id or CSI name)")]
+    NotFound {
+        /// `volume`, ...
+        what: &'static str,
+        /// What the operator typed.
+        key: String,
+    },
+    /// The endpoint answers but does not serve the API asked for.
+    #[error("{endpoint} does not serve the {api} API (is it the controller's endpoint?)")]
+    WrongEndpoint {
+        /// The endpoint.
+        endpoint: String,
+        /// The API.
+        api: &'static str,
+    },
     /// A local file could not be written.
     #[error("cannot write {path}")]
     Io {
@@ -194,6 +211,159 @@ pub fn print_identity(report: &IdentityReport, format: OutputFormat) {
             println!("version       {}", report.version);
             println!("capabilities  {}", report.capabilities.join(", "));
             println!("ready         {}", report.ready);
+        }
+    }
+}
+
+/// Rows as an aligned table (the first row is the header), columns two spaces apart, no
+/// trailing blanks; every line ends with a newline.
+pub fn render_table(rows: &[Vec<String>]) -> String {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..cols)
+        .map(|i| {
+            rows.iter()
+                .map(|r| r.get(i).map_or(0, |c| c.chars().count()))
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let mut out = String::new();
+    for r in rows {
+        let line: Vec<String> = r
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+/// Prints `value` as pretty JSON, or `rows` as a table ([`render_table`]).
+pub fn emit(format: OutputFormat, value: serde_json::Value, rows: Vec<Vec<String>>) {
+    match format {
+        OutputFormat::Json => println!(
+            "{}",
+            serde_json::to_string_pretty(&value).unwrap_or_default()
+        ),
+        OutputFormat::Table => print!("{}", render_table(&rows)),
+    }
+}
+
+/// A size for people: the largest binary unit that keeps the number at least 1, with one
+/// decimal unless whole (`12GiB`, `11.5GiB`, `100MiB`, `512B`).
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (unit, size) in UNITS {
+        if bytes >= size {
+            return if bytes % size == 0 {
+                format!("{}{unit}", bytes / size)
+            } else {
+                format!("{:.1}{unit}", bytes as f64 / size as f64)
+            };
+        }
+    }
+    format!("{bytes}B")
+}
+
+/// A time as RFC 3339 in UTC, whole seconds (`2026-01-02T03:04:05Z`); times before 1970 show
+/// as the epoch.
+pub fn utc_text(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (y, m, d) = civil_from_days(secs / 86_400);
+    let rem = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Year, month and day of the `days`-th day after 1970-01-01 in the proleptic Gregorian
+/// calendar: shift to a calendar starting on 1 March 0000 (so the leap day ends a year), count
+/// whole 400-year eras, then years, then months of the shifted year (153 days per 5 months).
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    // Days from 0000-03-01 to 1970-01-01.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let day_of_era = z % 146_097;
+    let year_of_era =
+        (day_of_era - day_of_era / 1460 + day_of_era / 36_524 - day_of_era / 146_096) / 365;
+    let day_of_year = day_of_era - (365 * year_of_era + year_of_era / 4 - year_of_era / 100);
+    let shifted_month = (5 * day_of_year + 2) / 153;
+    let day = day_of_year - (153 * shifted_month + 2) / 5 + 1;
+    let month = if shifted_month < 10 {
+        shifted_month + 3
+    } else {
+        shifted_month - 9
+    };
+    let year = year_of_era + era * 400 + u64::from(month <= 2);
+    (year, month, day)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_aligns_columns_and_trims() {
+        let rows = vec![
+            vec!["ID".to_string(), "STATUS".to_string(), "NAME".to_string()],
+            vec!["v-1".to_string(), "in-use".to_string(), String::new()],
+            vec![
+                "volume-22".to_string(),
+                "available".to_string(),
+                "pvc-é".to_string(),
+            ],
+        ];
+        assert_eq!(
+            render_table(&rows),
+            "ID         STATUS     NAME\n\
+             v-1        in-use\n\
+             volume-22  available  pvc-é\n"
+        );
+        assert_eq!(render_table(&[]), "");
+    }
+
+    #[test]
+    fn human_size_table() {
+        let cases = [
+            (0, "0B"),
+            (512, "512B"),
+            (1536, "1.5KiB"),
+            (100 << 20, "100MiB"),
+            (12 << 30, "12GiB"),
+            ((23 << 30) / 2, "11.5GiB"),
+            (3 << 40, "3TiB"),
+        ];
+        for (bytes, want) in cases {
+            assert_eq!(human_size(bytes), want, "{bytes}");
+        }
+    }
+
+    #[test]
+    fn utc_text_table() {
+        let cases = [
+            (0, "1970-01-01T00:00:00Z"),
+            (951_782_400, "2000-02-29T00:00:00Z"),
+            (951_868_799, "2000-02-29T23:59:59Z"),
+            (951_868_800, "2000-03-01T00:00:00Z"),
+            (1_700_000_000, "2023-11-14T22:13:20Z"),
+            (4_107_542_400, "2100-03-01T00:00:00Z"),
+        ];
+        for (secs, want) in cases {
+            assert_eq!(
+                utc_text(UNIX_EPOCH + Duration::from_secs(secs)),
+                want,
+                "{secs}"
+            );
         }
     }
 }

@@ -110,8 +110,11 @@ pub struct Agent {
 pub struct Stack {
     /// The controller process (dropped first).
     pub controller: Proc,
-    /// CSI socket of the controller.
+    /// CSI socket of the controller (the operator API is served there too).
     pub csi: PathBuf,
+    /// The controller's `--operator-listen` socket: the operator API alone.
+    #[allow(dead_code)] // used by tests/operator_cli.rs only
+    pub operator: PathBuf,
     /// The agents, in spec order.
     pub agents: Vec<Agent>,
     /// Holds every file (dropped last).
@@ -218,6 +221,7 @@ impl Stack {
             });
         }
         let csi = dir.path().join("csi.sock");
+        let operator = dir.path().join("operator.sock");
         let config = dir.path().join("controller.toml");
         std::fs::write(&config, CONTROLLER_TOML).expect("controller config");
         let mut args: Vec<String> = vec![
@@ -226,6 +230,8 @@ impl Stack {
             config.display().to_string(),
             "--endpoint".into(),
             format!("unix://{}", csi.display()),
+            "--operator-listen".into(),
+            format!("unix://{}", operator.display()),
         ];
         for a in &agents {
             args.push("--agent".into());
@@ -236,6 +242,7 @@ impl Stack {
         Stack {
             controller,
             csi,
+            operator,
             agents,
             _dir: dir,
         }
