@@ -8,7 +8,6 @@
 
 mod common;
 #[path = "common/stack.rs"]
-#[allow(dead_code)] // shared with tests/controller.rs, which uses the rest of it
 mod stack;
 
 use std::collections::{BTreeMap, HashMap};

@@ -4,7 +4,10 @@
 #   1. median latency of 20 sequential creates of 64 MiB: agent (gRPC, measured in one
 #      client process: `agent-ctl bench-create`) vs raw `lvcreate` (timed in bash with
 #      $EPOCHREALTIME, no extra process), rounds interleaved so drift hits both;
-#   2. 50 concurrent agent creates (errors counted, wall time) vs 50 sequential raw lvcreate.
+#   2. 50 concurrent agent creates (errors counted, wall time) vs 50 sequential raw lvcreate;
+#   3. the same median through the controller's CSI CreateVolume (`cinderblock bench-csi`,
+#      controller and agent in the guest), and 200 concurrent CSI creates of 8 MiB (errors,
+#      duplicates, wall time) vs 200 sequential raw lvcreate.
 # Prints `bench: NAME = VALUE UNIT (baseline NAME = VALUE UNIT, ratio R, goal G)` lines.
 # Boots the one-VM guest unless it runs already (then leaves it running).
 set -euo pipefail
@@ -14,6 +17,7 @@ G=one
 VM=$CB_E2E/vm
 TARGET_DIR=${CARGO_TARGET_DIR:-$CB_REPO/target}
 ROUNDS=${BENCH_ROUNDS:-4} PER_ROUND=${BENCH_PER_ROUND:-5} BURST=${BENCH_BURST:-50}
+CSI_BURST=${BENCH_CSI_BURST:-200}
 
 "$CB_E2E/host-deps.sh" vm >/dev/null
 (cd "$CB_REPO" && cargo build --release --bin cinderblock 2>&1 | grep -E '^(error|warning: unused)' || true)
@@ -46,6 +50,12 @@ kind = "lvm-thick"
 vg = "cinder-volumes"
 volume_clear = "none" # deletes are not measured; clearing would only slow the clean-up
 EOF
+cat >"$CB_SHARE/e2e/controller-bench.toml" <<'EOF'
+default_volume_type = "default"
+stats_interval_secs = 1
+[volume_types.default]
+description = "any pool"
+EOF
 
 out=$("$VM" exec "$G" "source /mnt/host/e2e/agent-lib.sh
   AGENT_CONFIG=/mnt/host/e2e/agent-bench.toml
@@ -71,25 +81,56 @@ out=$("$VM" exec "$G" "source /mnt/host/e2e/agent-lib.sh
   lvremove -q -y cinder-volumes >/dev/null
   ctl -o json bench-create --pool thick --size 64Mi --count $BURST --parallel $BURST --prefix burst |
     sed -n 's/^  \"\\(wall_ms\\|errors\\|median_ms\\)\": \\([0-9.]*\\),\$/burst_\\1 \\2/p'
+  lvremove -q -y cinder-volumes >/dev/null 2>&1 || true
+  # The controller (Cinder's API + scheduler) in front of the same agent.
+  setsid \$CB controller -c /mnt/host/e2e/controller-bench.toml --endpoint tcp://127.0.0.1:10001 \
+    --agent bench=tcp://127.0.0.1:9700 >>/mnt/host/logs/\$(hostname)/controller-bench.log 2>&1 </dev/null &
+  cpid=\$!
+  for _ in \$(seq 120); do
+    \$CB bench-csi --endpoint tcp://127.0.0.1:10001 --count 1 --prefix warm >/dev/null 2>&1 && break; sleep 1
+  done
+  craw=()
+  for r in \$(seq $ROUNDS); do
+    for i in \$(seq $PER_ROUND); do
+      t=\${EPOCHREALTIME/./}
+      lvcreate -q -y --size 64m --name craw-\$r-\$i cinder-volumes >/dev/null
+      craw+=(\$((\${EPOCHREALTIME/./} - t)))
+    done
+    lvremove -q -y cinder-volumes >/dev/null
+    \$CB bench-csi -o json --endpoint tcp://127.0.0.1:10001 --size 64Mi --count $PER_ROUND --parallel 1 --prefix c\$r |
+      sed -n 's/^  \"\\(median_ms\\|errors\\)\": \\([0-9.]*\\),\$/csi_round \\1 \\2/p'
+  done
+  printf '%s\n' \"\${craw[@]}\" | sort -g | awk '{ v[NR] = \$1 } END { print \"craw_median_ms\", v[int((NR + 1) / 2)] / 1000 }'
+  t=\${EPOCHREALTIME/./}
+  for i in \$(seq $CSI_BURST); do lvcreate -q -y --size 8m --name cseq-\$i cinder-volumes >/dev/null; done
+  echo craw_seq_wall_ms \$(((\${EPOCHREALTIME/./} - t) / 1000))
+  lvremove -q -y cinder-volumes >/dev/null
+  \$CB bench-csi -o json --endpoint tcp://127.0.0.1:10001 --size 8Mi --count $CSI_BURST --parallel $CSI_BURST --prefix cburst |
+    sed -n 's/^  \"\\(wall_ms\\|errors\\|duplicates\\|median_ms\\)\": \\([0-9.]*\\),\$/cburst_\\1 \\2/p'
+  kill \$cpid; wait \$cpid 2>/dev/null || true
   agent_stop")
 echo "$out" | sed 's/^/  vm| /' >&2
 
-python3 - "$out" "$ROUNDS" "$PER_ROUND" "$BURST" <<'EOF'
+python3 - "$out" "$ROUNDS" "$PER_ROUND" "$BURST" "$CSI_BURST" <<'EOF'
 import statistics, sys
-out, rounds, per, burst = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-agent, errors, v = [], 0, {}
+out, rounds, per, burst, cburst = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+medians = {"agent_round": [], "csi_round": []}
+errs = {"agent_round": 0, "csi_round": 0}
+v = {}
 for line in out.splitlines():
     w = line.split()
-    if w[:1] == ["agent_round"]:
+    if w[:1] and w[0] in medians:
         if w[1] == "median_ms":
-            agent.append(float(w[2]))
+            medians[w[0]].append(float(w[2]))
         else:
-            errors += int(float(w[2]))
+            errs[w[0]] += int(float(w[2]))
     elif len(w) == 2:
         v[w[0]] = float(w[1])
-need = ["raw_median_ms", "raw_seq_wall_ms", "burst_wall_ms", "burst_errors"]
-if len(agent) != rounds or any(k not in v for k in need):
+need = ["raw_median_ms", "raw_seq_wall_ms", "burst_wall_ms", "burst_errors",
+        "craw_median_ms", "craw_seq_wall_ms", "cburst_wall_ms", "cburst_errors", "cburst_duplicates"]
+if any(len(m) != rounds for m in medians.values()) or any(k not in v for k in need):
     sys.exit(f"bench: incomplete output from the guest: {out!r}")
+agent, errors = medians["agent_round"], errs["agent_round"]
 # Median of the per-round medians (each round: {per} creates).
 a, raw = statistics.median(agent), v["raw_median_ms"]
 print(f"bench: agent_create_median_lvm_thick_64MiB = {a:.1f} ms (baseline raw_lvcreate_median = {raw:.1f} ms, "
@@ -97,6 +138,12 @@ print(f"bench: agent_create_median_lvm_thick_64MiB = {a:.1f} ms (baseline raw_lv
 bw, sw = v["burst_wall_ms"] / 1000, v["raw_seq_wall_ms"] / 1000
 print(f"bench: agent_create_{burst}_concurrent_wall = {bw:.2f} s (baseline raw_lvcreate_{burst}_sequential_wall = {sw:.2f} s, "
       f"ratio {bw / sw:.2f}, goal 0 errors) [{int(v['burst_errors'])} errors, median call {v.get('burst_median_ms', 0):.0f} ms]")
-if errors or v["burst_errors"]:
+c, craw = statistics.median(medians["csi_round"]), v["craw_median_ms"]
+print(f"bench: controller_create_median_lvm_thick_64MiB = {c:.1f} ms (baseline raw_lvcreate_median = {craw:.1f} ms, "
+      f"ratio {c / craw:.2f}, goal <= 1.10) [{rounds}x{per} sequential CSI CreateVolume, {errs['csi_round']} errors]")
+cw, csw = v["cburst_wall_ms"] / 1000, v["craw_seq_wall_ms"] / 1000
+print(f"bench: controller_create_{cburst}_concurrent_wall = {cw:.2f} s (baseline raw_lvcreate_{cburst}_sequential_wall = {csw:.2f} s, "
+      f"ratio {cw / csw:.2f}, goal 0 errors, 0 duplicates) [{int(v['cburst_errors'])} errors, {int(v['cburst_duplicates'])} duplicates, 8 MiB each]")
+if errors or v["burst_errors"] or errs["csi_round"] or v["cburst_errors"] or v["cburst_duplicates"]:
     sys.exit("bench: some creates failed")
 EOF
