@@ -64,6 +64,17 @@ capacity_bytes = 10737418240
 zone = "nova"
 capabilities = { media = "demo" }
 
+[controller]
+default_volume_type = "default"
+stats_interval_secs = 2
+
+[controller.volume_types.default]
+description = "any pool"
+
+[controller.volume_types.demo-media]
+description = "only pools with media=demo"
+extra_specs = { media = "demo" }
+
 [node]
 zone = "nova"
 EOF
@@ -120,9 +131,17 @@ tgtadm -C "$CTL" --lld iscsi --op show --mode target | grep -A40 "volume-$VOL" |
 say "Cinder's rules: a volume with snapshots, or exported, cannot be deleted"
 "$CB" agent-ctl "${A[@]}" delete "$VOL" && { echo "UNEXPECTED: deleted"; exit 1; } || true
 
-say "volumes and snapshots now"
+say "volumes and snapshots now, as the agent holds them"
 run "$CB" agent-ctl "${A[@]}" volumes
 run "$CB" agent-ctl "${A[@]}" snapshots
+
+say "the same through the controller's operator API (Cinder's list, snapshot-list, get-pools, type-list)"
+export CINDERBLOCK_CONTROLLER="unix://$W/csi.sock"
+run "$CB" volume list
+run "$CB" volume show "$VOL"
+run "$CB" snapshot list
+run "$CB" pool list
+run "$CB" type list
 
 say "unexport, delete the snapshot and both volumes (a second delete is fine: already gone)"
 run "$CB" agent-ctl "${A[@]}" unexport "$VOL"
