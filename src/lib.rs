@@ -2,8 +2,8 @@
 //!
 //! The binary (`src/main.rs`) only parses arguments and starts a role; everything else lives
 //! here so that `tests/` can reach it. Folders are the architecture (see `docs/design.md`):
-//! transport (`csi`, `transport`) is thin, the domain (`scheduler`, and the agent, controller
-//! and node modules as they land) never sees wire types, and `exec` is the only place that
+//! transport (`csi`, `transport`) is thin, the domain (`scheduler`, `agent`, `controller`,
+//! `node`) never sees wire types, and `exec` is the only place that
 //! spawns a process.
 
 pub mod agent;
@@ -15,6 +15,7 @@ pub mod csi;
 pub mod exec;
 pub mod health;
 pub mod logging;
+pub mod node;
 pub mod ops;
 pub mod proto;
 pub mod roles;
