@@ -183,7 +183,10 @@ async fn node_service(cfg: &NodeConfig, chap_key: Option<ChapKey>) -> NodeServer
             failed = r.failed.len(),
             "node reconciled"
         ),
-        Err(e) => tracing::warn!(error = %e, "node reconciliation failed; serving anyway"),
+        Err(e) => tracing::warn!(
+            error = %crate::node::chain(&e),
+            "node reconciliation failed; serving anyway"
+        ),
     }
     NodeServer::new(NodeService::new(node))
 }
