@@ -10,8 +10,12 @@
 //!   node never learns about other targets behind the same portal. It overwrites an
 //!   existing record with defaults, which is why every `new` is followed by the `update`s.
 //! - `--login` on a (target, portal) that already has a session exits
-//!   [`ISCSI_ERR_SESS_EXISTS`]; `--logout` without a session and `-o delete` without a
-//!   record exit [`ISCSI_ERR_NO_OBJS_FOUND`]. Both mean "already done" to an idempotent caller.
+//!   [`ISCSI_ERR_SESS_EXISTS`]; `-o delete` without a record exits
+//!   [`ISCSI_ERR_NO_OBJS_FOUND`], and a logout of a session that is gone
+//!   [`ISCSI_ERR_NO_OBJS_FOUND`] or [`ISCSI_ERR_SESS_NOT_FOUND`]. All mean "already done" to
+//!   an idempotent caller.
+//! - Sessions are logged out by session id (`-m session -r SID --logout`), which works
+//!   whether or not the session's node record still exists.
 //! - `-m session` and `-m node` without `-P` print one line per session / record
 //!   ([`parse_sessions`], [`parse_records`]); with nothing to list they print a message on
 //!   stderr and exit [`ISCSI_ERR_NO_OBJS_FOUND`].
@@ -159,9 +163,9 @@ pub fn login(target: &str, portal: &str) -> Cmd {
     node(target, portal).arg("--login").timeout(LOGIN_TIMEOUT)
 }
 
-/// `iscsiadm -m node -T TARGET -p PORTAL --logout`.
-pub fn logout(target: &str, portal: &str) -> Cmd {
-    node(target, portal).arg("--logout")
+/// `iscsiadm -m session -r SID --logout`.
+pub fn logout(sid: u32) -> Cmd {
+    base().args(["-m", "session", "-r", &sid.to_string(), "--logout"])
 }
 
 /// `iscsiadm -m session -r SID --rescan`: scans the session's target for new LUNs and
@@ -423,10 +427,7 @@ tcp: [3] [fd00::1]:3260,1 iqn.2010-10.org.openstack:volume-x
                 login(t, p),
                 format!("iscsiadm -m node -T {t} -p {p} --login"),
             ),
-            (
-                logout(t, p),
-                format!("iscsiadm -m node -T {t} -p {p} --logout"),
-            ),
+            (logout(12), "iscsiadm -m session -r 12 --logout".to_owned()),
             (rescan(7), "iscsiadm -m session -r 7 --rescan".to_owned()),
             (list_sessions(), "iscsiadm -m session".to_owned()),
             (list_records(), "iscsiadm -m node".to_owned()),

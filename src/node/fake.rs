@@ -594,16 +594,12 @@ impl Initiator for FakeHost {
         Ok(())
     }
 
-    async fn logout(&self, target: &str, portal: &str) -> Result<(), InitiatorError> {
+    async fn logout(&self, sid: u32) -> Result<(), InitiatorError> {
         let mut s = self.lock();
-        let Some(i) = s
-            .sessions
-            .iter()
-            .position(|x| x.target == target && x.portal == portal)
-        else {
+        let Some(i) = s.sessions.iter().position(|x| x.sid == sid) else {
             return Ok(());
         };
-        let sid = s.sessions.remove(i).sid;
+        let FakeSession { target, portal, .. } = s.sessions.remove(i);
         let names: Vec<String> = s
             .disks
             .iter()
@@ -917,6 +913,16 @@ impl Mounter for FakeHost {
     async fn exists(&self, path: &Path) -> Result<bool, MountError> {
         let s = self.lock();
         Ok(s.dirs.contains(path) || s.files.contains(path))
+    }
+
+    async fn list_dir(&self, path: &Path) -> Result<Vec<String>, MountError> {
+        let s = self.lock();
+        Ok(s.dirs
+            .iter()
+            .chain(s.files.iter())
+            .filter(|p| p.parent() == Some(path))
+            .filter_map(|p| p.file_name()?.to_str().map(str::to_owned))
+            .collect())
     }
 
     async fn fs_stats(&self, path: &Path) -> Result<FsStats, MountError> {

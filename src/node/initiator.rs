@@ -149,8 +149,8 @@ pub trait Initiator: Send + Sync {
     /// Logs in through a record; an existing session is success.
     async fn login(&self, target: &str, portal: &str) -> Result<(), InitiatorError>;
 
-    /// Logs a session out; no such session is success.
-    async fn logout(&self, target: &str, portal: &str) -> Result<(), InitiatorError>;
+    /// Logs session `sid` out (its disks go with it); no such session is success.
+    async fn logout(&self, sid: u32) -> Result<(), InitiatorError>;
 
     /// Rescans a session: new LUNs appear, existing ones re-read their size.
     async fn rescan(&self, sid: u32) -> Result<(), InitiatorError>;

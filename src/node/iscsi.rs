@@ -229,9 +229,9 @@ impl Initiator for IscsiInitiator {
         .map(drop)
     }
 
-    async fn logout(&self, target: &str, portal: &str) -> Result<(), InitiatorError> {
-        let op = format!("log out of {target} at {portal}");
-        self.iscsiadm(&op, iscsiadm::logout(target, portal), &[Failure::NotFound])
+    async fn logout(&self, sid: u32) -> Result<(), InitiatorError> {
+        let op = format!("log out of session {sid}");
+        self.iscsiadm(&op, iscsiadm::logout(sid), &[Failure::NotFound])
             .await
             .map(drop)
     }

@@ -121,6 +121,9 @@ pub trait Mounter: Send + Sync {
     /// Whether a path exists.
     async fn exists(&self, path: &Path) -> Result<bool, MountError>;
 
+    /// The names in a directory; an absent directory has none.
+    async fn list_dir(&self, path: &Path) -> Result<Vec<String>, MountError>;
+
     /// statvfs of a mounted file system.
     async fn fs_stats(&self, path: &Path) -> Result<FsStats, MountError>;
 
@@ -287,6 +290,22 @@ impl Mounter for LinuxMounter {
             .map_err(io("inspect", path))
     }
 
+    async fn list_dir(&self, path: &Path) -> Result<Vec<String>, MountError> {
+        let mut dir = match tokio::fs::read_dir(path).await {
+            Ok(d) => d,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("list", path)(e)),
+        };
+        let mut names = Vec::new();
+        while let Some(entry) = dir.next_entry().await.map_err(io("list", path))? {
+            if let Some(n) = entry.file_name().to_str() {
+                names.push(n.to_owned());
+            }
+        }
+        names.sort();
+        Ok(names)
+    }
+
     async fn fs_stats(&self, path: &Path) -> Result<FsStats, MountError> {
         let p = path.to_owned();
         let st = tokio::task::spawn_blocking(move || rustix::fs::statvfs(&p))
@@ -374,6 +393,14 @@ mod tests {
         m.make_dir(&d).await.unwrap();
         m.make_file(&f).await.unwrap();
         m.make_file(&f).await.unwrap();
+        assert_eq!(
+            m.list_dir(&dir.path().join("c")).await.unwrap(),
+            vec!["file"]
+        );
+        assert_eq!(
+            m.list_dir(&dir.path().join("none")).await.unwrap(),
+            Vec::<String>::new()
+        );
         assert_eq!(
             (m.exists(&d).await.unwrap(), m.exists(&f).await.unwrap()),
             (true, true)

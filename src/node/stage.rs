@@ -318,6 +318,16 @@ impl Node {
                 }
             }
         }
+        // Block files of this target left by a stage or unstage cut short, so the CO can
+        // remove its staging directory.
+        let mounts = self.mounter.mounts().await?;
+        for name in self.mounter.list_dir(staging).await? {
+            let file = staging.join(&name);
+            let ours = TargetLun::parse_by_path_name(&name).is_some_and(|t| t.target == target);
+            if ours && !mounts.iter().any(|m| m.mount_point == file) {
+                self.mounter.remove(&file).await?;
+            }
+        }
         self.detach(&target, Some(volume)).await?;
         tracing::info!(%volume, path = %staging.display(), "unstaged");
         Ok(())
@@ -353,7 +363,7 @@ impl Node {
                 }
                 self.initiator.delete_disk(&d.name).await?;
             }
-            self.initiator.logout(target, &s.portal).await?;
+            self.initiator.logout(s.sid).await?;
             tracing::info!(%target, portal = %s.portal, sid = s.sid, "logged out");
         }
         for r in self.initiator.records().await? {

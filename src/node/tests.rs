@@ -648,6 +648,17 @@ async fn block_volume_round_trip_leaves_nothing() {
         b.host.session_portals(&target_iqn(&v)),
         Vec::<String>::new()
     );
+
+    // A stage cut short after the file was made: unstage removes the file too.
+    b.node
+        .stage(b.stage_req(&v, &s, Access::Block))
+        .await
+        .unwrap();
+    let file = b.host.mount_points().remove(0);
+    b.node.mounter.unmount(&file).await.unwrap();
+    assert!(b.host.path_exists(&file));
+    b.node.unstage(&v, &s).await.unwrap();
+    assert!(!b.host.path_exists(&file));
 }
 
 #[tokio::test]
