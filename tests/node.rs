@@ -165,9 +165,9 @@ async fn every_node_rpc_over_grpc() {
     let types: Vec<i32> = caps
         .capabilities
         .iter()
-        .filter_map(|c| match &c.r#type {
-            Some(pb::node_service_capability::Type::Rpc(r)) => Some(r.r#type),
-            None => None,
+        .filter_map(|c| {
+            let pb::node_service_capability::Type::Rpc(r) = c.r#type.as_ref()?;
+            Some(r.r#type)
         })
         .collect();
     assert_eq!(
