@@ -130,24 +130,22 @@ impl Initiator for IscsiInitiator {
             .into_iter()
             .map(|l| (l.sid, normalize(&l.portal)))
             .collect();
-        let mut disks = self.sysfs("list iSCSI disks", sysfs::session_disks).await?;
+        let disks = self.sysfs("list iSCSI disks", sysfs::session_disks).await?;
         Ok(listed
             .into_iter()
             // Sessions that logged out between the two listings are left out.
             .filter_map(|s| {
                 let portal = portals.get(&s.sid)?.clone();
-                let mine: Vec<_> = disks
-                    .iter()
-                    .filter(|(sid, _)| *sid == s.sid)
-                    .map(|(_, d)| d.clone())
-                    .collect();
-                disks.retain(|(sid, _)| *sid != s.sid);
                 Some(Session {
+                    disks: disks
+                        .iter()
+                        .filter(|(sid, _)| *sid == s.sid)
+                        .map(|(_, d)| d.clone())
+                        .collect(),
                     sid: s.sid,
                     target: s.target,
                     portal,
                     state: s.state,
-                    disks: mine,
                 })
             })
             .collect())
