@@ -101,6 +101,10 @@ pub struct NodeArgs {
     pub endpoint: Option<Endpoint>,
     #[command(flatten)]
     pub node: NodeFlags,
+    /// File with the agents' CHAP master key, to derive each volume's CHAP secret (`all`
+    /// uses the agent's `--chap-key-file`).
+    #[arg(long, env = "CINDERBLOCK_CHAP_KEY_FILE", value_name = "FILE")]
+    pub chap_key_file: Option<PathBuf>,
 }
 
 /// Node settings that are also accepted by `all`.

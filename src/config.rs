@@ -532,6 +532,13 @@ pub struct NodeConfig {
     pub exec_prefix: Vec<String>,
     /// Most volumes attachable to this node (reported by NodeGetInfo).
     pub max_volumes_per_node: u32,
+    /// The agents' CHAP master key file: the node derives each volume's CHAP secret from it
+    /// (without it, NodeStageVolume needs `chapSecret` in its secrets). In `all`, the agent's
+    /// key is used when this is unset.
+    pub chap_key_file: Option<PathBuf>,
+    /// How long NodeStageVolume waits for a disk after the login (and NodeExpandVolume for
+    /// the new size), in seconds.
+    pub attach_timeout_secs: u64,
 }
 
 impl Default for NodeConfig {
@@ -543,6 +550,8 @@ impl Default for NodeConfig {
             initiator_name_file: PathBuf::from("/etc/iscsi/initiatorname.iscsi"),
             exec_prefix: Vec::new(),
             max_volumes_per_node: 64,
+            chap_key_file: None,
+            attach_timeout_secs: 30,
         }
     }
 }
@@ -559,6 +568,12 @@ impl NodeConfig {
         if self.max_volumes_per_node == 0 {
             return Err(invalid(
                 format!("{prefix}max_volumes_per_node"),
+                "must be at least 1",
+            ));
+        }
+        if self.attach_timeout_secs == 0 {
+            return Err(invalid(
+                format!("{prefix}attach_timeout_secs"),
                 "must be at least 1",
             ));
         }

@@ -2,8 +2,8 @@
 //!
 //! The binary (`src/main.rs`) only parses arguments and starts a role; everything else lives
 //! here so that `tests/` can reach it. Folders are the architecture (see `docs/design.md`):
-//! transport (`csi`, `operator`, `transport`) is thin, the domain (`scheduler`, and the agent, controller
-//! and node modules as they land) never sees wire types, and `exec` is the only place that
+//! transport (`csi`, `operator`, `transport`) is thin, the domain (`scheduler`, `agent`,
+//! `controller`, `node`) never sees wire types, and `exec` is the only place that
 //! spawns a process.
 
 pub mod agent;
@@ -16,6 +16,7 @@ pub mod exec;
 pub mod health;
 pub mod logging;
 pub mod metrics;
+pub mod node;
 pub mod operator;
 pub mod ops;
 pub mod proto;

@@ -79,6 +79,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 cfg.endpoint = e;
             }
             args.node.apply(&mut cfg);
+            if let Some(k) = args.chap_key_file {
+                cfg.chap_key_file = Some(k);
+            }
             cfg.validate("")?;
             runtime()?.block_on(async {
                 transport::cancel_on_signals(shutdown.clone());

@@ -15,14 +15,19 @@ use crate::config::{AgentConfig, AgentRef, AllConfig, ControllerConfig, NodeConf
 use crate::controller::{Controller, ControllerError, Settings};
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::{IdentityService, Services};
+use crate::csi::node::NodeService;
 use crate::exec::Runner;
 use crate::health::{self, Dependency, HealthError, Readiness};
 use crate::metrics::{self, MetricsError};
+use crate::node::iscsi::IscsiInitiator;
+use crate::node::mounter::LinuxMounter;
+use crate::node::{Node, NodeSettings};
 use crate::operator::OperatorService;
 use crate::proto::agent::agent_server::AgentServer;
 use crate::proto::csi::controller_server::ControllerServer;
 use crate::proto::csi::identity_client::IdentityClient;
 use crate::proto::csi::identity_server::IdentityServer;
+use crate::proto::csi::node_server::NodeServer;
 use crate::proto::csi::ProbeRequest;
 use crate::proto::operator::operator_server::OperatorServer;
 use crate::tls::{self, ClientTls, TlsError};
@@ -207,17 +212,64 @@ fn agent_tls(cfg: &ControllerConfig) -> Result<Option<ClientTls>, RoleError> {
         .transpose()?)
 }
 
-/// `cinderblock node`.
+/// `cinderblock node`: Identity (Probe = iscsid reachable) and Node, after a start-up
+/// reconciliation of the host's iSCSI sessions with the volumes staged on it.
 pub async fn run_node(cfg: NodeConfig, shutdown: CancellationToken) -> Result<(), RoleError> {
+    let key = cfg
+        .chap_key_file
+        .as_deref()
+        .map(load_chap_key)
+        .transpose()?;
     let readiness = Readiness::default().with(Arc::new(health::Iscsid));
     let services = Services {
         controller: false,
         node: true,
     };
+    let node = node_service(&cfg, key).await;
     tracing::info!(endpoint = %cfg.endpoint, node = %cfg.node_name, zone = %cfg.zone, "node serving");
-    let router = Server::builder().add_service(identity(services, readiness));
+    let router = Server::builder()
+        .add_service(identity(services, readiness))
+        .add_service(node);
     transport::serve(router, &cfg.endpoint, shutdown).await?;
     Ok(())
+}
+
+/// The CSI Node service acting on this host (commands behind `exec_prefix`), reconciled
+/// once before it serves. A failed reconciliation (iscsid or iscsiadm missing) is logged:
+/// the service still answers, and Probe says whether iscsid is there.
+async fn node_service(cfg: &NodeConfig, chap_key: Option<ChapKey>) -> NodeServer<NodeService> {
+    let runner = Runner::with_prefix(cfg.exec_prefix.clone());
+    let settings = NodeSettings {
+        node_name: cfg.node_name.clone(),
+        zone: cfg.zone.clone(),
+        max_volumes_per_node: cfg.max_volumes_per_node,
+        attach_timeout: Duration::from_secs(cfg.attach_timeout_secs),
+        ..NodeSettings::default()
+    };
+    let node = Arc::new(Node::new(
+        settings,
+        Arc::new(IscsiInitiator::new(
+            runner.clone(),
+            cfg.initiator_name_file.clone(),
+        )),
+        Arc::new(LinuxMounter::new(runner)),
+        chap_key,
+    ));
+    match node.reconcile().await {
+        Ok(r) => tracing::info!(
+            logged_out = ?r.logged_out,
+            logged_in = ?r.logged_in,
+            records_deleted = ?r.records_deleted,
+            kept_in_use = ?r.kept_in_use,
+            failed = r.failed.len(),
+            "node reconciled"
+        ),
+        Err(e) => tracing::warn!(
+            error = %crate::node::chain(&e),
+            "node reconciliation failed; serving anyway"
+        ),
+    }
+    NodeServer::new(NodeService::new(node))
 }
 
 /// The agent is ready when tgtd answers and every pool can be read.
@@ -241,14 +293,18 @@ fn chap_key(cfg: &AgentConfig) -> Result<ChapKey, RoleError> {
         );
         return Ok(ChapKey::random());
     };
+    load_chap_key(path)
+}
+
+fn load_chap_key(path: &std::path::Path) -> Result<ChapKey, RoleError> {
     match ChapKey::from_file(path) {
         Ok(Some(k)) => Ok(k),
         Ok(None) => Err(RoleError::ChapKey {
-            path: path.clone(),
+            path: path.to_owned(),
             reason: "shorter than 16 bytes".into(),
         }),
         Err(e) => Err(RoleError::ChapKey {
-            path: path.clone(),
+            path: path.to_owned(),
             reason: e.to_string(),
         }),
     }
@@ -258,13 +314,23 @@ fn chap_key(cfg: &AgentConfig) -> Result<ChapKey, RoleError> {
 /// every pool readable), with mutual TLS when `[tls]` is set; the metrics endpoint when
 /// `metrics_listen` is set. Pools are opened and exports reconciled before serving.
 pub async fn run_agent(cfg: AgentConfig, shutdown: CancellationToken) -> Result<(), RoleError> {
+    let key = chap_key(&cfg)?;
+    run_agent_with_key(cfg, key, shutdown).await
+}
+
+/// [`run_agent`] with its CHAP key already loaded (`all` shares it with the node).
+async fn run_agent_with_key(
+    cfg: AgentConfig,
+    key: ChapKey,
+    shutdown: CancellationToken,
+) -> Result<(), RoleError> {
     // Everything that can be wrong with the configuration fails before any I/O on pools.
     let mut server = tls::server_builder(cfg.tls.as_ref())?;
     let metrics_listener = match cfg.metrics_listen {
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
-    let agent = Arc::new(AgentService::new(&cfg, Runner::default(), chap_key(&cfg)?)?);
+    let agent = Arc::new(AgentService::new(&cfg, Runner::default(), key)?);
     if let Err(e) = agent.start().await {
         // tgtd may come up later: serve anyway (Probe says not ready) and let the
         // reconciliation loop catch up.
@@ -315,6 +381,7 @@ fn warn_if_plain(cfg: &AgentConfig) {
 }
 
 /// `cinderblock all`: agent on its own listener, controller (and node) on the CSI endpoint.
+/// The node derives CHAP secrets from the agent's key unless it names its own key file.
 pub async fn run_all(
     mut cfg: AllConfig,
     without_node: bool,
@@ -330,7 +397,16 @@ pub async fn run_all(
             endpoint: local_dial(&cfg.agent.listen),
         });
     }
-    let agent = tokio::spawn(run_agent(cfg.agent.clone(), shutdown.clone()));
+    let agent_key = chap_key(&cfg.agent)?;
+    let node_key = match &cfg.node.chap_key_file {
+        Some(path) => load_chap_key(path)?,
+        None => agent_key.clone(),
+    };
+    let agent = tokio::spawn(run_agent_with_key(
+        cfg.agent.clone(),
+        agent_key,
+        shutdown.clone(),
+    ));
 
     let tls = agent_tls(&cfg.controller)?;
     let mut readiness = Readiness::default()
@@ -351,10 +427,16 @@ pub async fn run_all(
     tracing::info!(%endpoint, node = !without_node, "all-in-one serving");
     let (controller, operator) =
         controller_service(&cfg.controller, tls.as_ref(), shutdown.clone()).await?;
+    let node = if without_node {
+        None
+    } else {
+        Some(node_service(&cfg.node, Some(node_key)).await)
+    };
     let router = Server::builder()
         .add_service(identity(services, readiness))
         .add_service(controller)
-        .add_service(operator.clone());
+        .add_service(operator.clone())
+        .add_optional_service(node);
     let csi = serve_with_operator(
         router,
         &endpoint,

@@ -3,6 +3,7 @@
 
 pub mod controller;
 pub mod identity;
+pub mod node;
 pub mod status;
 
 /// The CSI driver name (`GetPluginInfo`, CSIDriver object, PV `spec.csi.driver`).

@@ -5,7 +5,9 @@
 //! timeout, `kill_on_drop` so a cancelled RPC does not leave a child behind, and secrets
 //! redacted from logs. Tool-specific argv builders and output parsers live beside this file.
 
+pub mod iscsiadm;
 pub mod lvm;
+pub mod mount;
 pub mod tgtadm;
 
 use std::process::Stdio;
