@@ -469,4 +469,214 @@ extra_specs = { media = "ssd" }
             );
         }
     }
+
+    // -----------------------------------------------------------------------------------
+    // The node service of `comp` attaching volumes of `stor` (issue 6).
+
+    use cinderblock::proto::csi::node_client::NodeClient;
+    use pb::volume_capability::BlockVolume;
+
+    fn cap(fs: Option<&str>) -> pb::VolumeCapability {
+        pb::VolumeCapability {
+            access_type: Some(match fs {
+                Some(fs) => AccessType::Mount(MountVolume {
+                    fs_type: fs.into(),
+                    ..Default::default()
+                }),
+                None => AccessType::Block(BlockVolume {}),
+            }),
+            access_mode: Some(AccessMode {
+                mode: Mode::SingleNodeWriter as i32,
+            }),
+        }
+    }
+
+    async fn node_client() -> NodeClient<tonic::transport::Channel> {
+        let addr = env("CINDERBLOCK_E2E_COMP_CSI");
+        let ch = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect_timeout(Duration::from_secs(20))
+            .timeout(Duration::from_secs(300))
+            .connect()
+            .await
+            .unwrap();
+        NodeClient::new(ch)
+    }
+
+    /// One attach cycle: create on stor, publish to comp, stage, publish, write a file (or
+    /// bytes), unpublish, unstage, unpublish from the controller; the bytes are then checked
+    /// on the storage side and no session is left on comp.
+    async fn attach_cycle(
+        c: &mut Client,
+        ctl: &Controller,
+        node_id: &str,
+        name: &str,
+        fs: Option<&str>,
+        mib: i64,
+    ) {
+        let mut r = req(name, "thin", "z-stor", mib * MIB);
+        r.volume_capabilities = vec![cap(fs)];
+        let v = c
+            .create_volume(r)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let id = v.volume_id.clone();
+        let published = c
+            .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+                volume_id: id.clone(),
+                node_id: node_id.into(),
+                volume_capability: Some(cap(fs)),
+                ..Default::default()
+            })
+            .await
+            .unwrap_or_else(|e| panic!("publish: {e:?}\n{}", ctl.log_text()))
+            .into_inner();
+        let stage = format!("/var/lib/cb-e2e/stage/{id}");
+        let target = format!("/var/lib/cb-e2e/pods/{id}/volume");
+        sh(
+            "comp",
+            &format!("mkdir -p {stage} /var/lib/cb-e2e/pods/{id}"),
+        );
+        let mut n = node_client().await;
+        let stage_req = pb::NodeStageVolumeRequest {
+            volume_id: id.clone(),
+            publish_context: published.publish_context.clone(),
+            staging_target_path: stage.clone(),
+            volume_capability: Some(cap(fs)),
+            ..Default::default()
+        };
+        n.node_stage_volume(stage_req.clone())
+            .await
+            .unwrap_or_else(|e| panic!("stage {fs:?}: {e:?}"));
+        // Staging again is fine (kubelet retries).
+        n.node_stage_volume(stage_req).await.unwrap();
+        n.node_publish_volume(pb::NodePublishVolumeRequest {
+            volume_id: id.clone(),
+            publish_context: published.publish_context.clone(),
+            staging_target_path: stage.clone(),
+            target_path: target.clone(),
+            volume_capability: Some(cap(fs)),
+            readonly: false,
+            ..Default::default()
+        })
+        .await
+        .unwrap_or_else(|e| panic!("publish {fs:?}: {e:?}"));
+        let sha = match fs {
+            Some(_) => sh(
+                "comp",
+                &format!("head -c 4194304 /dev/urandom >{target}/file && sync && sha256sum <{target}/file | cut -c1-64"),
+            ),
+            None => sh(
+                "comp",
+                &format!("head -c 4194304 /dev/urandom >/tmp/{id}.pat && dd if=/tmp/{id}.pat of={target} bs=1M oflag=direct conv=fsync status=none && sha256sum </tmp/{id}.pat | cut -c1-64"),
+            ),
+        };
+        let stats = n
+            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
+                volume_id: id.clone(),
+                volume_path: target.clone(),
+                staging_target_path: stage.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let bytes = stats
+            .usage
+            .iter()
+            .find(|u| u.unit == pb::volume_usage::Unit::Bytes as i32)
+            .unwrap();
+        if fs.is_some() {
+            let df = sh(
+                "comp",
+                &format!("df -B1 --output=size,used {target} | tail -1"),
+            );
+            let df: Vec<i64> = df.split_whitespace().map(|x| x.parse().unwrap()).collect();
+            assert_eq!((bytes.total, bytes.used), (df[0], df[1]), "stats vs df");
+        } else {
+            assert_eq!(bytes.total, mib * MIB);
+        }
+        assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(false));
+        n.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            target_path: target.clone(),
+        })
+        .await
+        .unwrap();
+        n.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: stage.clone(),
+        })
+        .await
+        .unwrap();
+        // Again: already gone is fine.
+        n.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+            volume_id: id.clone(),
+            staging_target_path: stage.clone(),
+        })
+        .await
+        .unwrap();
+        c.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: id.clone(),
+            node_id: node_id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let left = sh(
+            "comp",
+            "iscsiadm -m session 2>/dev/null | grep -c cinderblock || true",
+        );
+        assert_eq!(left, "0", "sessions left on comp after unstage");
+        let on_storage = match fs {
+            Some(fs) => sh(
+                "stor",
+                &format!("mkdir -p /mnt/v && mount -t {fs} -o ro /dev/cinder-volumes/volume-{id} /mnt/v && sha256sum </mnt/v/file | cut -c1-64; umount /mnt/v"),
+            ),
+            None => sh(
+                "stor",
+                &format!("dd if=/dev/cinder-volumes/volume-{id} bs=1M count=4 iflag=direct status=none | sha256sum | cut -c1-64"),
+            ),
+        };
+        assert_eq!(
+            on_storage, sha,
+            "{fs:?}: the storage side holds what the pod wrote"
+        );
+        c.delete_volume(pb::DeleteVolumeRequest {
+            volume_id: id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the e2e VMs (make e2e)"]
+    async fn node_attach_cycle_ext4_xfs_and_block_from_another_vm() {
+        let ctl = Controller::start();
+        let mut c = ctl.client().await;
+        wait_both_pools(&mut c, &ctl).await;
+        let mut n = node_client().await;
+        let info = n
+            .node_get_info(pb::NodeGetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(
+            info.node_id
+                .ends_with("/iqn.2025-01.io.cinderblock.e2e:comp"),
+            "node id {}",
+            info.node_id
+        );
+        assert_eq!(
+            info.accessible_topology
+                .and_then(|t| t.segments.get(TOPOLOGY_ZONE_KEY).cloned()),
+            Some("z-comp".into())
+        );
+        attach_cycle(&mut c, &ctl, &info.node_id, "e2e-n-ext4", Some("ext4"), 64).await;
+        attach_cycle(&mut c, &ctl, &info.node_id, "e2e-n-xfs", Some("xfs"), 320).await;
+        attach_cycle(&mut c, &ctl, &info.node_id, "e2e-n-block", None, 64).await;
+    }
 }

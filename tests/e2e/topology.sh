@@ -50,13 +50,17 @@ topo_boot() {
 # start_cinderblock VM: `cinderblock all` on the guest's CSI port, log on the share. Its
 # agent listens on the guest's agent port (forwarded like the CSI port) and serves two pools
 # on the VG cinder-volumes: "thick" (lvm-thick, media=hdd) and "thin" (lvm-thin on the thin
-# pool pool0, media=ssd), both in the zone "z-VM". A config file
+# pool pool0, media=ssd), both in the zone "z-VM"; its node service too, with the CHAP key
+# every guest shares. A config file
 # tests/e2e/guest/cinderblock-VM.toml, when there is one, replaces the generated one;
 # CINDERBLOCK_E2E_ARGS adds words to the command line.
 start_cinderblock() {
   local name=$1 portal
   case $name in stor) portal=$CB_STOR_IP:3260 ;; comp) portal=$CB_COMP_IP:3260 ;; *) portal=$CB_ONE_IP:3260 ;; esac
   mkdir -p "$CB_SHARE/e2e"
+  # One CHAP master key for the whole test cluster: the node of one guest derives the secret
+  # of a volume exported by another guest's agent.
+  [ -s "$CB_SHARE/e2e/chap.key" ] || head -c 32 /dev/urandom >"$CB_SHARE/e2e/chap.key"
   if [ -f "$CB_E2E/guest/cinderblock-$name.toml" ]; then
     cp "$CB_E2E/guest/cinderblock-$name.toml" "$CB_SHARE/e2e/cinderblock-$name.toml"
   else
@@ -64,7 +68,7 @@ start_cinderblock() {
 [agent]
 name = "$name"
 listen = "tcp://0.0.0.0:$CB_GUEST_AGENT_PORT"
-chap_key_file = "/etc/cinderblock/chap.key"
+chap_key_file = "/mnt/host/e2e/chap.key"
 
 [[agent.pools]]
 name = "thick"
