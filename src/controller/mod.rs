@@ -213,6 +213,9 @@ struct Charge {
     pool: PoolRef,
     size: Bytes,
     provisioning: Provisioning,
+    /// When the agent answered the create; `None` while it is in flight. A report asked for
+    /// before that moment may not include the volume yet.
+    settled_at: Option<Instant>,
 }
 
 /// Everything behind [`Controller::state`].
@@ -368,6 +371,7 @@ impl Controller {
     /// Lists one agent's pools, volumes and snapshots into the index.
     pub async fn sync_agent(&self, name: &str) -> Result<(), ControllerError> {
         let agent = self.agent(name)?.clone();
+        let asked = Instant::now();
         let pools = agent
             .list_pools()
             .await
@@ -381,7 +385,7 @@ impl Controller {
             .await
             .map_err(ControllerError::agent(name, "ListSnapshots"))?;
         let mut st = self.state();
-        self.apply_pools(&mut st, name, Ok(pools));
+        self.apply_pools(&mut st, name, Ok(pools), asked);
         st.volumes.retain(|_, e| e.agent != name);
         st.snapshots.retain(|_, e| e.agent != name);
         for info in volumes {
@@ -456,13 +460,14 @@ impl Controller {
     /// marked unhealthy (the scheduler then skips them) until it answers again.
     pub async fn refresh_pools(&self) {
         for (name, agent) in &self.agents {
+            let asked = Instant::now();
             let answer = agent.list_pools().await;
             if let Err(e) = &answer {
                 tracing::warn!(agent = %name, error = %e, "pool statistics unavailable");
             }
             let synced = {
                 let mut st = self.state();
-                self.apply_pools(&mut st, name, answer);
+                self.apply_pools(&mut st, name, answer, asked);
                 st.synced.contains(name)
             };
             if !synced {
@@ -478,6 +483,7 @@ impl Controller {
         st: &mut State,
         agent: &str,
         answer: Result<Vec<PoolStats>, AgentClientError>,
+        asked: Instant,
     ) {
         match answer {
             Ok(pools) => {
@@ -508,7 +514,12 @@ impl Controller {
                     st.reports.insert(id, p.clone());
                     st.pools.upsert(state);
                 }
-                // Placements still in flight are not in the agent's figures yet.
+                // Placements still in flight, or answered after this report was asked for,
+                // may not be in the agent's figures yet: charge them again. Those answered
+                // before it are in the figures and are done with.
+                st.pending.retain(|_, c| {
+                    c.pool.agent != agent || c.settled_at.is_none_or(|t| t >= asked)
+                });
                 let pending: Vec<Charge> = st
                     .pending
                     .values()

@@ -1323,3 +1323,37 @@ async fn inventory_of_snapshots_pools_and_types() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_report_older_than_a_finished_create_does_not_give_its_space_back() {
+    let agents = vec![FakeAgent::new(
+        "a",
+        vec![FakePool::new("p", "z1", Bytes::gib(10))],
+    )];
+    let c = controller(&agents).await;
+    let free = |c: &Controller| c.pools()[0].0.free;
+    // A report asked for before the create, answered after it.
+    let asked = std::time::Instant::now();
+    let stale = agents[0].list_pools().await.unwrap();
+    let v = c.create_volume(req("pvc-1", 4)).await;
+    assert_eq!(code_of(&v), Code::Ok);
+    let after_create = free(&c);
+    {
+        let mut st = c.state();
+        c.apply_pools(&mut st, "a", Ok(stale), asked);
+    }
+    assert_eq!(
+        free(&c),
+        after_create,
+        "the stale report must not free the new volume's space"
+    );
+    // A report asked for afterwards includes the volume: charged once, not twice.
+    let asked = std::time::Instant::now();
+    let fresh = agents[0].list_pools().await.unwrap();
+    {
+        let mut st = c.state();
+        c.apply_pools(&mut st, "a", Ok(fresh), asked);
+    }
+    assert_eq!(free(&c), after_create);
+    assert!(c.state().pending.is_empty());
+}

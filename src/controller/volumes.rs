@@ -285,6 +285,7 @@ impl Controller {
             pool: chosen.clone(),
             size: request.size,
             provisioning,
+            settled_at: None,
         };
         st.pending.insert(id.clone(), charge.clone());
         Ok((chosen, charge))
@@ -294,6 +295,13 @@ impl Controller {
     /// with `release`, given back.
     fn settle(&self, id: &VolumeId, release: Option<Charge>) {
         let mut st = self.state();
+        if release.is_none() {
+            // Kept until a report asked for after now is applied (see `apply_pools`).
+            if let Some(c) = st.pending.get_mut(id) {
+                c.settled_at = Some(std::time::Instant::now());
+            }
+            return;
+        }
         st.pending.remove(id);
         if let Some(c) = release {
             if let Err(e) = st.pools.release(&c.pool, c.size, c.provisioning) {
