@@ -568,6 +568,14 @@ impl LvmPool {
     }
 }
 
+/// `t` truncated to a whole second (the resolution of LVM's `lv_time`).
+fn whole_seconds(t: SystemTime) -> SystemTime {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(d.as_secs()),
+        Err(_) => t,
+    }
+}
+
 #[tonic::async_trait]
 impl Backend for LvmPool {
     fn name(&self) -> &str {
@@ -736,6 +744,8 @@ impl Backend for LvmPool {
     async fn create(&self, new: &NewVolume) -> Result<VolumeRecord, AgentError> {
         let lv = volume_lv(&new.id);
         let _claim = self.claim(&lv)?;
+        // LVM stamps an LV with the whole second its lvcreate began.
+        let started = whole_seconds(SystemTime::now());
         if let Err(e) = self.create_lv(new, &lv).await {
             self.undo(&lv).await;
             return Err(e);
@@ -753,7 +763,7 @@ impl Backend for LvmPool {
                 source: None,
                 exported_to: Vec::new(),
                 metadata: new.metadata.clone(),
-                created_at: SystemTime::now(),
+                created_at: started,
             });
         }
         self.volume_now(&new.id).await
@@ -2012,7 +2022,8 @@ mod tests {
             (Bytes::mib(16), "t 1", &meta)
         );
         // The record of a blank create is not read back: it must be what a listing says,
-        // but for the creation time (LVM keeps whole seconds, taken when lvcreate started).
+        // but for the creation time (taken when lvcreate started, as LVM's; they differ when
+        // lvcreate itself took long to get going, as under TCG).
         let listed = p.volumes().await.unwrap();
         let mut same = listed.iter().find(|r| r.id == v1).expect("listed").clone();
         let skew = same

@@ -181,9 +181,11 @@ step "agent SIGKILLed amid 20 creates: every LV tagged and accounted" "$G" "$L
     P=thick; [ \$((i % 2)) = 0 ] && P=thin
     ctl create crash-\$i --pool \$P --size 32Mi >/run/crash-\$i.log 2>&1 &
   done
-  for _ in \$(seq 600); do
-    n=\$(lvs --noheadings -o lv_name cinder-volumes cb-thin | grep -c volume-crash- || true)
-    [ \$n -ge 3 ] && break; sleep 0.05
+  # Kill as soon as the first LVs exist (their device links: no LVM command in the loop,
+  # which would wait for the VG lock the creates hold).
+  for _ in \$(seq 1200); do
+    n=\$(ls /dev/cinder-volumes /dev/cb-thin 2>/dev/null | grep -c volume-crash- || true)
+    [ \$n -ge 2 ] && break; sleep 0.05
   done
   agent_stop KILL
   wait || true
