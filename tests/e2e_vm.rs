@@ -154,6 +154,10 @@ stats_interval_secs = 2
 extra_specs = { media = "hdd" }
 [volume_types.thin]
 extra_specs = { media = "ssd" }
+[volume_types.thin-stor]
+extra_specs = { media = "ssd", host = "stor" }
+[volume_types.thin-comp]
+extra_specs = { media = "ssd", host = "comp" }
 "#,
             )
             .unwrap();
@@ -410,33 +414,36 @@ extra_specs = { media = "ssd" }
         );
         assert_eq!(sha8("stor", &id_a), sha, "data kept by the expand");
 
-        // Retype the clone thick -> thin: its pool has no media=ssd, so it migrates.
+        // Retype with migration: a thin volume on stor's pool (zone z-shared) retyped to a
+        // type only comp's thin pool satisfies moves there, id and bytes unchanged.
+        let r = c
+            .create_volume(req("e2e-r", "thin-stor", "z-shared", 64 * MIB))
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap();
+        let id_r = r.volume_id.clone();
+        assert_eq!(holder(&id_r), ["stor"]);
+        sh(
+            "stor",
+            &format!("dd if=/dev/cinder-volumes/volume-{id_a} of=/dev/cinder-volumes/volume-{id_r} bs=1M count=8 iflag=direct oflag=direct conv=fsync status=none"),
+        );
+        assert_eq!(sha8("stor", &id_r), sha);
         c.controller_modify_volume(pb::ControllerModifyVolumeRequest {
-            volume_id: cl.volume_id.clone(),
-            mutable_parameters: HashMap::from([("type".to_string(), "thin".to_string())]),
+            volume_id: id_r.clone(),
+            mutable_parameters: HashMap::from([("type".to_string(), "thin-comp".to_string())]),
             ..Default::default()
         })
         .await
-        .unwrap();
-        let now_on = holder(&cl.volume_id);
-        assert_eq!(
-            now_on.len(),
-            1,
-            "exactly one copy after the migration: {now_on:?}"
-        );
+        .unwrap_or_else(|e| panic!("retype: {e:?}\n{}", ctl.log_text()));
+        assert_eq!(holder(&id_r), ["comp"], "exactly one copy, on comp");
         let lv_pool = sh(
-            &now_on[0],
-            &format!(
-                "lvs --noheadings -o pool_lv cinder-volumes/volume-{} | tr -d ' '",
-                cl.volume_id
-            ),
+            "comp",
+            &format!("lvs --noheadings -o pool_lv cinder-volumes/volume-{id_r} | tr -d ' '"),
         );
-        assert_eq!(lv_pool, "pool0", "migrated into the thin pool");
-        assert_eq!(
-            sha8(&now_on[0], &cl.volume_id),
-            sha,
-            "migrated with its bytes"
-        );
+        assert_eq!(lv_pool, "pool0", "migrated into comp's thin pool");
+        assert_eq!(sha8("comp", &id_r), sha, "migrated with its bytes");
 
         // Cinder's delete rules.
         let err = c
@@ -453,7 +460,7 @@ extra_specs = { media = "ssd" }
         })
         .await
         .unwrap();
-        for id in [&id_a, &b.volume_id, &cl.volume_id, &id_a] {
+        for id in [&id_a, &b.volume_id, &cl.volume_id, &id_r, &id_a] {
             c.delete_volume(pb::DeleteVolumeRequest {
                 volume_id: id.clone(),
                 ..Default::default()
@@ -514,7 +521,7 @@ extra_specs = { media = "ssd" }
         fs: Option<&str>,
         mib: i64,
     ) {
-        let mut r = req(name, "thin", "z-stor", mib * MIB);
+        let mut r = req(name, "thin-stor", "z-shared", mib * MIB);
         r.volume_capabilities = vec![cap(fs)];
         let v = c
             .create_volume(r)

@@ -28,7 +28,8 @@ mv "$CB_SHARE/bin/cinderblock.tmp" "$CB_SHARE/bin/cinderblock"
 cp "$CB_E2E/guest/agent-lib.sh" "$CB_SHARE/e2e/agent-lib.sh"
 
 booted=0
-if ! "$VM" status 2>/dev/null | grep -q "^$G running"; then
+# (Not `grep -q`: with pipefail, `vm status` dying of SIGPIPE would read as "not running".)
+if ! "$VM" status 2>/dev/null | grep "^$G running" >/dev/null; then
   log "booting $G for the bench"
   topo_boot "$G" >/dev/null
   booted=1

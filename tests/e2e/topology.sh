@@ -49,9 +49,10 @@ topo_boot() {
 
 # start_cinderblock VM: `cinderblock all` on the guest's CSI port, log on the share. Its
 # agent listens on the guest's agent port (forwarded like the CSI port) and serves two pools
-# on the VG cinder-volumes: "thick" (lvm-thick, media=hdd) and "thin" (lvm-thin on the thin
-# pool pool0, media=ssd), both in the zone "z-VM"; its node service too, with the CHAP key
-# every guest shares. A config file
+# on the VG cinder-volumes: "thick" (lvm-thick, media=hdd, zone "z-VM") and "thin" (lvm-thin
+# on the thin pool pool0, media=ssd, zone "z-shared": every guest's thin pool is in it, so a
+# volume can migrate between guests without leaving its zone); both with host=VM. Its node
+# service runs too (zone "z-VM"), with the CHAP key every guest shares. A config file
 # tests/e2e/guest/cinderblock-VM.toml, when there is one, replaces the generated one;
 # CINDERBLOCK_E2E_ARGS adds words to the command line.
 start_cinderblock() {
@@ -76,15 +77,15 @@ kind = "lvm-thick"
 vg = "cinder-volumes"
 zone = "z-$name"
 snapshot_cow_percent = 100
-capabilities = { media = "hdd" }
+capabilities = { media = "hdd", host = "$name" }
 
 [[agent.pools]]
 name = "thin"
 kind = "lvm-thin"
 vg = "cinder-volumes"
 thin_pool = "pool0"
-zone = "z-$name"
-capabilities = { media = "ssd" }
+zone = "z-shared"
+capabilities = { media = "ssd", host = "$name" }
 
 [node]
 zone = "z-$name"
