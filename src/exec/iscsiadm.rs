@@ -230,7 +230,19 @@ fn portal_tpgt_target(text: &str) -> Option<(String, i32, String)> {
     if portal.is_empty() || target.is_empty() || target.contains(' ') {
         return None;
     }
-    Some((portal.to_owned(), tpgt.parse().ok()?, target.to_owned()))
+    Some((portal.to_owned(), parse_tpgt(tpgt)?, target.to_owned()))
+}
+
+/// A record made with `-o new` has no TPGT yet: open-iscsi 2.1.8 prints that -1 as an
+/// unsigned 32-bit number (seen in the test bed: `192.168.77.1:3260,4294967295 iqn...`).
+const TPGT_UNSET_PRINTED: u32 = u32::MAX;
+
+fn parse_tpgt(text: &str) -> Option<i32> {
+    match text.parse::<i32>() {
+        Ok(t) => Some(t),
+        Err(_) if text.parse::<u32>().ok()? == TPGT_UNSET_PRINTED => Some(-1),
+        Err(_) => None,
+    }
 }
 
 /// Parses `iscsiadm -m session`: `tcp: [SID] PORTAL,TPGT TARGET (non-flash)`; the
@@ -440,5 +452,21 @@ tcp: [3] [fd00::1]:3260,1 iqn.2010-10.org.openstack:volume-x
             secret.argv().last().map(String::as_str),
             Some("s3cr3t-value")
         );
+    }
+
+    #[test]
+    fn a_new_record_without_tpgt_parses_as_minus_one() {
+        // Captured in the test bed (open-iscsi 2.1.8, Debian bookworm) after `-o new`.
+        let out = "192.168.77.1:3260,4294967295 iqn.2026-01.dev.cinderblock:volume-c634b85f\n";
+        let r = parse_records(out).unwrap();
+        assert_eq!(
+            (r[0].portal.as_str(), r[0].tpgt, r[0].target.as_str()),
+            (
+                "192.168.77.1:3260",
+                -1,
+                "iqn.2026-01.dev.cinderblock:volume-c634b85f"
+            )
+        );
+        assert!(parse_records("10.0.0.1:3260,4294967294 iqn.x\n").is_err());
     }
 }

@@ -18,6 +18,7 @@ VM=$CB_E2E/vm
 TARGET_DIR=${CARGO_TARGET_DIR:-$CB_REPO/target}
 ROUNDS=${BENCH_ROUNDS:-4} PER_ROUND=${BENCH_PER_ROUND:-5} BURST=${BENCH_BURST:-50}
 CSI_BURST=${BENCH_CSI_BURST:-200}
+export EXEC_TIMEOUT=${EXEC_TIMEOUT:-3600} # the whole guest part is one exec
 
 "$CB_E2E/host-deps.sh" vm >/dev/null
 (cd "$CB_REPO" && cargo build --release --bin cinderblock 2>&1 | grep -E '^(error|warning: unused)' || true)
