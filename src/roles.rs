@@ -85,6 +85,9 @@ impl AgentsReachable {
     }
 }
 
+/// How long the controller's Probe waits for an agent's Probe.
+const AGENT_PROBE_TIMEOUT: Duration = Duration::from_secs(20);
+
 #[tonic::async_trait]
 impl Dependency for AgentsReachable {
     async fn check(&self) -> Result<(), HealthError> {
@@ -92,7 +95,10 @@ impl Dependency for AgentsReachable {
         for (agent, channel) in &self.agents {
             let mut client = IdentityClient::new(channel.clone());
             let mut req = tonic::Request::new(ProbeRequest {});
-            req.set_timeout(Duration::from_secs(3));
+            // The agent's own Probe reads every pool (vgs/lvs), which takes seconds on a busy
+            // or emulated node; a short timeout here made the controller report "not ready"
+            // while the agent was fine (seen in the test VMs).
+            req.set_timeout(AGENT_PROBE_TIMEOUT);
             match client.probe(req).await {
                 Ok(r) if r.get_ref().ready == Some(true) => return Ok(()),
                 Ok(_) => reasons.push(format!("{}: not ready", agent.name)),
