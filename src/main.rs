@@ -20,7 +20,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             let is_config = e.chain().any(|c| c.is::<config::ConfigError>());
-            eprintln!("cinderblock: error: {}", chain_line(&e));
+            eprintln!("cinderblock: error: {}", logging::error_chain(e.as_ref()));
             if is_config {
                 ExitCode::from(EXIT_CONFIG)
             } else {
@@ -28,23 +28,6 @@ fn main() -> ExitCode {
             }
         }
     }
-}
-
-/// The error and its causes on one line; a cause whose text is already on the line (transport
-/// errors repeat their source) is left out.
-fn chain_line(e: &anyhow::Error) -> String {
-    let mut line = String::new();
-    for cause in e.chain() {
-        let text = cause.to_string();
-        if line.contains(&text) {
-            continue;
-        }
-        if !line.is_empty() {
-            line.push_str(": ");
-        }
-        line.push_str(&text);
-    }
-    line
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {

@@ -271,7 +271,7 @@ async fn node_service(cfg: &NodeConfig, chap_key: Option<ChapKey>) -> NodeServer
             "node reconciled"
         ),
         Err(e) => tracing::warn!(
-            error = %crate::node::chain(&e),
+            error = %crate::logging::error_chain(&e),
             "node reconciliation failed; serving anyway"
         ),
     }

@@ -28,30 +28,6 @@ const MIB: i64 = 1 << 20;
 const NODE1: &str = "node-1/iqn.1993-08.org.debian:01:node1";
 const NODE2: &str = "node-2/iqn.1993-08.org.debian:01:node2";
 
-/// a: zone z1, ssd, 12 GiB; b: z2, hdd, 10 GiB; c: z3, no media, 8 GiB.
-fn three_zones() -> Vec<AgentSpec> {
-    vec![
-        AgentSpec {
-            name: "a",
-            zone: "z1",
-            capacity_gib: 12,
-            capabilities: r#"media = "ssd""#,
-        },
-        AgentSpec {
-            name: "b",
-            zone: "z2",
-            capacity_gib: 10,
-            capabilities: r#"media = "hdd""#,
-        },
-        AgentSpec {
-            name: "c",
-            zone: "z3",
-            capacity_gib: 8,
-            capabilities: "",
-        },
-    ]
-}
-
 fn mount() -> pb::VolumeCapability {
     mount_mode("ext4", Mode::SingleNodeWriter)
 }
@@ -189,7 +165,7 @@ fn pattern(len: usize, seed: u8) -> Vec<u8> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn placement_follows_zones_types_and_free_space_and_a_burst_spreads() {
-    let (stack, mut c) = start(three_zones()).await;
+    let (stack, mut c) = start(AgentSpec::three_zones()).await;
     // (request, zone or error code)
     let with = |name: &str, p: &[(&str, &str)], requisite: &[&str], preferred: &[&str]| {
         let mut r = create_req(name, GIB);
@@ -320,7 +296,7 @@ async fn placement_follows_zones_types_and_free_space_and_a_burst_spreads() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_controller_rpc_through_the_real_client() {
-    let (stack, mut c) = start(three_zones()).await;
+    let (stack, mut c) = start(AgentSpec::three_zones()).await;
 
     // ControllerGetCapabilities.
     let caps = c
@@ -802,7 +778,7 @@ async fn every_controller_rpc_through_the_real_client() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn cross_agent_copies_and_retype_migration_keep_the_bytes() {
     // a: z1 ssd; b: z2 hdd; c: z2 plain, so a retype from c to hdd can move within z2.
-    let mut specs = three_zones();
+    let mut specs = AgentSpec::three_zones();
     specs[2].zone = "z2";
     let (stack, mut c) = start(specs).await;
     let mut src = create_req("src", 64 * MIB);

@@ -204,15 +204,7 @@ extra_specs = { media = "ssd", host = "comp" }
     }
 
     fn mount() -> pb::VolumeCapability {
-        pb::VolumeCapability {
-            access_type: Some(AccessType::Mount(MountVolume {
-                fs_type: "ext4".into(),
-                ..Default::default()
-            })),
-            access_mode: Some(AccessMode {
-                mode: Mode::SingleNodeWriter as i32,
-            }),
-        }
+        cap(Some("ext4"))
     }
 
     fn in_zone(zone: &str) -> pb::TopologyRequirement {
@@ -237,6 +229,16 @@ extra_specs = { media = "ssd", host = "comp" }
             accessibility_requirements: Some(in_zone(zone)),
             ..Default::default()
         }
+    }
+
+    /// CreateVolume, expected to succeed.
+    async fn create(c: &mut Client, r: pb::CreateVolumeRequest) -> pb::Volume {
+        c.create_volume(r)
+            .await
+            .unwrap()
+            .into_inner()
+            .volume
+            .unwrap()
     }
 
     fn zone_of(v: &pb::Volume) -> String {
@@ -306,13 +308,7 @@ extra_specs = { media = "ssd", host = "comp" }
         wait_both_pools(&mut c, &ctl).await;
 
         // Create on the storage VM's thick pool, write a pattern on the LV.
-        let a = c
-            .create_volume(req("e2e-a", "thick", "z-stor", 62 * MIB))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let a = create(&mut c, req("e2e-a", "thick", "z-stor", 62 * MIB)).await;
         assert_eq!((zone_of(&a), a.capacity_bytes), ("z-stor".into(), 64 * MIB));
         let id_a = a.volume_id.clone();
         assert_eq!(holder(&id_a), ["stor"]);
@@ -324,13 +320,7 @@ extra_specs = { media = "ssd", host = "comp" }
         let sha = sha8("stor", &id_a);
 
         // Idempotent retry: same answer.
-        let again = c
-            .create_volume(req("e2e-a", "thick", "z-stor", 62 * MIB))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let again = create(&mut c, req("e2e-a", "thick", "z-stor", 62 * MIB)).await;
         assert_eq!(again.volume_id, id_a);
 
         // Snapshot, and a volume restored from it on the same pool.
@@ -354,13 +344,7 @@ extra_specs = { media = "ssd", host = "comp" }
                 },
             )),
         });
-        let b = c
-            .create_volume(r)
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let b = create(&mut c, r).await;
         assert_eq!(
             sha8("stor", &b.volume_id),
             sha,
@@ -376,13 +360,7 @@ extra_specs = { media = "ssd", host = "comp" }
                 },
             )),
         });
-        let cl = c
-            .create_volume(r)
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let cl = create(&mut c, r).await;
         assert_eq!(zone_of(&cl), "z-comp");
         assert_eq!(holder(&cl.volume_id), ["comp"]);
         assert_eq!(sha8("comp", &cl.volume_id), sha, "cloned across nodes");
@@ -416,13 +394,7 @@ extra_specs = { media = "ssd", host = "comp" }
 
         // Retype with migration: a thin volume on stor's pool (zone z-shared) retyped to a
         // type only comp's thin pool satisfies moves there, id and bytes unchanged.
-        let r = c
-            .create_volume(req("e2e-r", "thin-stor", "z-shared", 64 * MIB))
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let r = create(&mut c, req("e2e-r", "thin-stor", "z-shared", 64 * MIB)).await;
         let id_r = r.volume_id.clone();
         assert_eq!(holder(&id_r), ["stor"]);
         sh(
@@ -523,13 +495,7 @@ extra_specs = { media = "ssd", host = "comp" }
     ) {
         let mut r = req(name, "thin-stor", "z-shared", mib * MIB);
         r.volume_capabilities = vec![cap(fs)];
-        let v = c
-            .create_volume(r)
-            .await
-            .unwrap()
-            .into_inner()
-            .volume
-            .unwrap();
+        let v = create(c, r).await;
         let id = v.volume_id.clone();
         let published = c
             .controller_publish_volume(pb::ControllerPublishVolumeRequest {
@@ -612,19 +578,13 @@ extra_specs = { media = "ssd", host = "comp" }
         })
         .await
         .unwrap();
-        n.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+        let unstage = pb::NodeUnstageVolumeRequest {
             volume_id: id.clone(),
             staging_target_path: stage.clone(),
-        })
-        .await
-        .unwrap();
+        };
+        n.node_unstage_volume(unstage.clone()).await.unwrap();
         // Again: already gone is fine.
-        n.node_unstage_volume(pb::NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: stage.clone(),
-        })
-        .await
-        .unwrap();
+        n.node_unstage_volume(unstage).await.unwrap();
         c.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
             volume_id: id.clone(),
             node_id: node_id.into(),

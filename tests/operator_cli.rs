@@ -27,30 +27,6 @@ const GIB: i64 = 1 << 30;
 const MIB: i64 = 1 << 20;
 const NODE1: &str = "node-1/iqn.1993-08.org.debian:01:node1";
 
-/// a: zone z1, ssd, 12 GiB; b: z2, hdd, 10 GiB; c: z3, no media, 8 GiB.
-fn three_zones() -> Vec<AgentSpec> {
-    vec![
-        AgentSpec {
-            name: "a",
-            zone: "z1",
-            capacity_gib: 12,
-            capabilities: r#"media = "ssd""#,
-        },
-        AgentSpec {
-            name: "b",
-            zone: "z2",
-            capacity_gib: 10,
-            capabilities: r#"media = "hdd""#,
-        },
-        AgentSpec {
-            name: "c",
-            zone: "z3",
-            capacity_gib: 8,
-            capabilities: "",
-        },
-    ]
-}
-
 /// What one run of the CLI gave.
 #[derive(Debug)]
 struct Run {
@@ -250,7 +226,7 @@ fn header(table: &str) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn operator_cli_reports_what_the_agents_hold() {
-    let stack = tokio::task::spawn_blocking(|| Stack::start(&three_zones()))
+    let stack = tokio::task::spawn_blocking(|| Stack::start(&AgentSpec::three_zones()))
         .await
         .expect("stack");
     let mut csi = stack.client().await;

@@ -144,6 +144,28 @@ fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     l.write().unwrap_or_else(|p| p.into_inner())
 }
 
+/// For every id in `listed` or `index` that `changed` says an operation touched, takes the
+/// index's record (or its absence) over the listed one; returns those ids.
+fn keep_changed<K, V>(
+    listed: &mut HashMap<K, V>,
+    index: &HashMap<K, V>,
+    changed: impl Fn(&K) -> bool,
+) -> Vec<K>
+where
+    K: Clone + Eq + std::hash::Hash,
+    V: Clone,
+{
+    let ids: HashSet<K> = listed.keys().chain(index.keys()).cloned().collect();
+    let changed: Vec<K> = ids.into_iter().filter(|id| changed(id)).collect();
+    for id in &changed {
+        match index.get(id) {
+            Some(v) => listed.insert(id.clone(), v.clone()),
+            None => listed.remove(id),
+        };
+    }
+    changed
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -284,38 +306,18 @@ impl AgentService {
         }
         let unstable: Vec<VolumeId> = {
             let mut idx = write(&self.index);
-            let ids: HashSet<VolumeId> =
-                volumes.keys().chain(idx.volumes.keys()).cloned().collect();
-            let unstable: Vec<VolumeId> = ids
-                .into_iter()
-                .filter(|id| self.guards.changed_since(id.as_str(), mark))
-                .collect();
-            for id in &unstable {
-                match idx.volumes.get(id) {
-                    Some(v) => volumes.insert(id.clone(), v.clone()),
-                    None => volumes.remove(id),
-                };
-            }
-            let snap_ids: HashSet<SnapshotId> = snapshots
-                .keys()
-                .chain(idx.snapshots.keys())
-                .cloned()
-                .collect();
-            for id in snap_ids {
-                if self.guards.changed_since(&format!("snapshot:{id}"), mark) {
-                    match idx.snapshots.get(&id) {
-                        Some(s) => snapshots.insert(id, s.clone()),
-                        None => snapshots.remove(&id),
-                    };
-                }
-            }
+            let unstable = keep_changed(&mut volumes, &idx.volumes, |id| {
+                self.guards.changed_since(id.as_str(), mark)
+            });
+            keep_changed(&mut snapshots, &idx.snapshots, |id| {
+                self.guards.changed_since(&format!("snapshot:{id}"), mark)
+            });
             *idx = Index { volumes, snapshots };
             unstable
         };
         // Exports of volumes changed during the reading are left to their operation.
-        let busy = unstable;
-        desired.retain(|d| !busy.contains(&d.id));
-        let drift = self.exports.reconcile_except(&desired, &busy).await?;
+        desired.retain(|d| !unstable.contains(&d.id));
+        let drift = self.exports.reconcile_except(&desired, &unstable).await?;
         let c = &self.counters;
         c.created.add(drift.created.len() as u64);
         c.repaired.add(drift.repaired.len() as u64);

@@ -19,9 +19,6 @@ use crate::proto::csi as pb;
 use crate::proto::csi::node_server::Node as CsiNode;
 use crate::types::Bytes;
 
-/// Longest status message sent.
-const MAX_MESSAGE: usize = 4096;
-
 /// The capabilities NodeGetCapabilities lists.
 pub const CAPABILITIES: &[pb::node_service_capability::rpc::Type] = {
     use pb::node_service_capability::rpc::Type as T;
@@ -94,25 +91,7 @@ pub fn code(e: &NodeError) -> Code {
 
 /// The status sent for a node error: its code, and its message with causes on one line.
 pub fn to_status(e: NodeError) -> Status {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        src = s.source();
-    }
-    if msg.len() > MAX_MESSAGE {
-        let mut cut = MAX_MESSAGE;
-        while !msg.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        msg.truncate(cut);
-        msg.push_str("...");
-    }
-    Status::new(code(&e), msg)
+    Status::new(code(&e), super::status::message(&e))
 }
 
 fn invalid(msg: impl Into<String>) -> Status {

@@ -50,16 +50,12 @@ pub fn code(e: &ControllerError) -> Code {
 
 /// The status sent for a controller error: its code and its message with causes, on one line.
 pub fn to_status(e: ControllerError) -> Status {
-    let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
-    while let Some(s) = src {
-        let s_text = s.to_string();
-        if !msg.contains(&s_text) {
-            msg.push_str(": ");
-            msg.push_str(&s_text);
-        }
-        src = s.source();
-    }
+    Status::new(code(&e), message(&e))
+}
+
+/// A status message: the error and its causes on one line, cut at [`MAX_MESSAGE`] bytes.
+pub fn message(e: &dyn std::error::Error) -> String {
+    let mut msg = crate::logging::error_chain(e);
     if msg.len() > MAX_MESSAGE {
         let mut cut = MAX_MESSAGE;
         while !msg.is_char_boundary(cut) {
@@ -68,7 +64,7 @@ pub fn to_status(e: ControllerError) -> Status {
         msg.truncate(cut);
         msg.push_str("...");
     }
-    Status::new(code(&e), msg)
+    msg
 }
 
 #[cfg(test)]

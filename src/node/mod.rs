@@ -144,21 +144,6 @@ pub enum NodeError {
     Internal(String),
 }
 
-/// An error and its causes on one line, for logs.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        src = s.source();
-    }
-    msg
-}
-
 /// The node's settings, in domain terms.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct NodeSettings {

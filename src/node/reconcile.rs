@@ -67,7 +67,7 @@ impl Node {
                     report.kept_in_use.push(target.clone());
                 }
                 Err(e) => {
-                    tracing::warn!(%target, error = %super::chain(&e), "reconcile: cannot log out");
+                    tracing::warn!(%target, error = %crate::logging::error_chain(&e), "reconcile: cannot log out");
                     report.failed.push((target.clone(), e));
                 }
             }
@@ -92,7 +92,7 @@ impl Node {
                             "volume staged from {what} lost its session and its record, and \
                              the node has no chap_key_file to make the record again"
                         ));
-                        tracing::warn!(target = %t.target, error = %super::chain(&e), "reconcile: cannot log in again");
+                        tracing::warn!(target = %t.target, error = %crate::logging::error_chain(&e), "reconcile: cannot log in again");
                         report.failed.push((what, e));
                         continue;
                     }
@@ -113,7 +113,7 @@ impl Node {
                     report.logged_in.push(what);
                 }
                 Err(e) => {
-                    tracing::warn!(target = %t.target, %portal, error = %super::chain(&e), "reconcile: login failed");
+                    tracing::warn!(target = %t.target, %portal, error = %crate::logging::error_chain(&e), "reconcile: login failed");
                     report.failed.push((what, e.into()));
                 }
             }

@@ -236,11 +236,11 @@ impl Node {
                 }
                 .await;
                 if let Err(e) = logged_in {
-                    tracing::warn!(%target, portal = %p, error = %super::chain(&e), "login failed");
-                    tried.push(format!("{p}: {}", super::chain(&e)));
+                    tracing::warn!(%target, portal = %p, error = %crate::logging::error_chain(&e), "login failed");
+                    tried.push(format!("{p}: {}", crate::logging::error_chain(&e)));
                     // A record that never logged in is not left behind.
                     if let Err(e) = self.initiator.delete_record(target, &p).await {
-                        tracing::warn!(%target, portal = %p, error = %super::chain(&e), "cannot delete the record");
+                        tracing::warn!(%target, portal = %p, error = %crate::logging::error_chain(&e), "cannot delete the record");
                     }
                     last = Some(e);
                     continue;
@@ -252,7 +252,7 @@ impl Node {
             if let Some(sid) = session_at(&fresh, &p) {
                 // A session that already existed may predate the LUN or its current size.
                 if let Err(e) = self.initiator.rescan(sid).await {
-                    tracing::warn!(%target, sid, error = %super::chain(&e), "rescan failed");
+                    tracing::warn!(%target, sid, error = %crate::logging::error_chain(&e), "rescan failed");
                 }
             }
             self.wait_for_disk(&lun).await?;

@@ -30,6 +30,32 @@ pub struct AgentSpec {
     pub capabilities: &'static str,
 }
 
+impl AgentSpec {
+    /// a: zone z1, ssd, 12 GiB; b: z2, hdd, 10 GiB; c: z3, no media, 8 GiB.
+    pub fn three_zones() -> Vec<AgentSpec> {
+        vec![
+            AgentSpec {
+                name: "a",
+                zone: "z1",
+                capacity_gib: 12,
+                capabilities: r#"media = "ssd""#,
+            },
+            AgentSpec {
+                name: "b",
+                zone: "z2",
+                capacity_gib: 10,
+                capabilities: r#"media = "hdd""#,
+            },
+            AgentSpec {
+                name: "c",
+                zone: "z3",
+                capacity_gib: 8,
+                capabilities: "",
+            },
+        ]
+    }
+}
+
 /// A spawned process, killed (SIGKILL, by its PID) on drop.
 #[derive(Debug)]
 pub struct Proc {
