@@ -879,6 +879,82 @@ mod tests {
     }
 
     #[test]
+    fn backup_sections_parse_and_impossible_values_name_the_key() {
+        let good = r#"
+[backup]
+chunk_size = 1048576
+max_in_flight = 8
+compression = "none"
+zstd_level = 5
+default_repository = "s3"
+
+[[backup_repositories]]
+name = "local"
+kind = "posix"
+path = "/srv/backups"
+
+[[backup_repositories]]
+name = "s3"
+kind = "s3"
+endpoint = "http://127.0.0.1:9000"
+bucket = "b"
+access_key_id = "id"
+secret_access_key = "very-secret"
+allow_http = true
+"#;
+        let cfg: AgentConfig = parse_str(good).unwrap();
+        cfg.validate("").unwrap();
+        assert_eq!(cfg.backup.compression, BackupCompression::None);
+        assert_eq!(cfg.backup_repositories[1].kind, RepositoryKind::S3);
+        let debug = format!("{cfg:?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+        assert_eq!(
+            cfg.backup_repositories[1]
+                .secret_access_key
+                .as_ref()
+                .map(Secret::expose),
+            Some("very-secret")
+        );
+        let cases = [
+            ("[backup]\nchunk_size = 100000\n", "backup.chunk_size"),
+            ("[backup]\nchunk_size = 32768\n", "backup.chunk_size"),
+            ("[backup]\nmax_in_flight = 0\n", "backup.max_in_flight"),
+            ("[backup]\nzstd_level = 30\n", "backup.zstd_level"),
+            (
+                "[backup]\ndefault_repository = \"nope\"\n",
+                "backup.default_repository",
+            ),
+            (
+                "[[backup_repositories]]\nname = \"r\"\nkind = \"posix\"\n",
+                "backup_repositories[0].path",
+            ),
+            (
+                "[[backup_repositories]]\nname = \"r\"\nkind = \"s3\"\n",
+                "backup_repositories[0].bucket",
+            ),
+            (
+                "[[backup_repositories]]\nname = \"r\"\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://x\"\n",
+                "backup_repositories[0].allow_http",
+            ),
+            (
+                "[[backup_repositories]]\nname = \"r\"\nkind = \"s3\"\nbucket = \"b\"\naccess_key_id = \"a\"\n",
+                "backup_repositories[0].secret_access_key",
+            ),
+            (
+                "[[backup_repositories]]\nname = \"r\"\nkind = \"posix\"\npath = \"/a\"\n[[backup_repositories]]\nname = \"r\"\nkind = \"posix\"\npath = \"/b\"\n",
+                "backup_repositories[1].name",
+            ),
+        ];
+        for (text, key) in cases {
+            let cfg: AgentConfig = parse_str(text).unwrap();
+            match cfg.validate("") {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
     fn defaults_are_valid() {
         AllConfig::default().validate().unwrap();
         let ctl = ControllerConfig::default();

@@ -204,12 +204,15 @@ impl AgentService {
         self.pools.keys().cloned().collect()
     }
 
-    /// Opens every pool (cleaning leftovers of interrupted operations) and reconciles.
+    /// Opens every pool (cleaning leftovers of interrupted operations), reconciles, and
+    /// removes the temporary snapshots of backups that were running when the agent stopped.
     pub async fn start(&self) -> Result<(), AgentError> {
         for p in self.pools.values() {
             p.backend.open().await?;
         }
-        self.reconcile().await
+        self.reconcile().await?;
+        self.remove_temporary_snapshots().await;
+        Ok(())
     }
 
     /// Runs [`AgentService::reconcile`] every `every` until `shutdown`.

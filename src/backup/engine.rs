@@ -80,6 +80,14 @@ pub struct Progress {
 }
 
 impl Progress {
+    /// Nothing covered yet of `total` bytes.
+    pub fn new(total: u64) -> Self {
+        Progress {
+            total: AtomicU64::new(total),
+            ..Progress::default()
+        }
+    }
+
     /// Bytes of the volume covered so far.
     pub fn done(&self) -> u64 {
         self.done.load(Ordering::Relaxed)

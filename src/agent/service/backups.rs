@@ -373,6 +373,28 @@ impl AgentService {
         }
     }
 
+    /// Deletes temporary backup snapshots no running backup uses (left by an agent that
+    /// stopped in the middle of a backup). Failures are logged; the next start tries again.
+    pub(super) async fn remove_temporary_snapshots(&self) {
+        let running: Vec<BackupId> = lock(&self.backups.jobs).keys().cloned().collect();
+        for s in self.list_snapshots(None) {
+            let Some(owner) = s.metadata.get(TEMP_SNAPSHOT_KEY) else {
+                continue;
+            };
+            if running.iter().any(|b| b.as_str() == owner) {
+                continue;
+            }
+            match self.delete_snapshot(&s.id).await {
+                Ok(()) => {
+                    tracing::warn!(snapshot = %s.id, backup = %owner, "removed the temporary snapshot of an interrupted backup")
+                }
+                Err(e) => {
+                    tracing::warn!(snapshot = %s.id, error = %e, "cannot remove a temporary backup snapshot")
+                }
+            }
+        }
+    }
+
     /// Names of the configured repositories, and the default one.
     pub fn backup_repositories(&self) -> (Vec<(String, String)>, Option<String>) {
         (
@@ -470,7 +492,7 @@ impl AgentService {
             volume_metadata: vol.metadata.clone(),
         };
         lock(&self.backups.activity).insert(vol.id.clone(), Activity::BackingUp(id.clone()));
-        let progress = Arc::new(Progress::default());
+        let progress = Arc::new(Progress::new(size.0));
         let (tx, outcome) = watch::channel(None);
         lock(&self.backups.jobs).insert(
             id.clone(),
@@ -829,7 +851,7 @@ impl AgentService {
         self.set_status_keys(volume, Some(("restoring", "")))
             .await?;
         lock(&self.backups.activity).insert(volume.clone(), Activity::Restoring(id.clone()));
-        let progress = Arc::new(Progress::default());
+        let progress = Arc::new(Progress::new(meta.volume_size));
         let (tx, outcome) = watch::channel(None);
         let running = Running {
             id: id.clone(),
