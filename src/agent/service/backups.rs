@@ -210,8 +210,8 @@ pub(super) struct Backups {
     // Volumes a backup reads or a restore writes. Same locking.
     activity: Mutex<HashMap<VolumeId, Activity>>,
     // Backups read by running operations, with how many restores read each (the rest are
-    // incremental backups on top). Same locking.
-    pins: Mutex<HashMap<BackupId, (usize, usize)>>,
+    // incremental backups on top). Same locking; shared with the pins held by tasks.
+    pins: Arc<Mutex<HashMap<BackupId, (usize, usize)>>>,
 }
 
 impl Backups {
@@ -232,7 +232,7 @@ impl Backups {
             settings: Settings::from_config(&cfg.backup),
             jobs: Mutex::new(HashMap::new()),
             activity: Mutex::new(HashMap::new()),
-            pins: Mutex::new(HashMap::new()),
+            pins: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -252,7 +252,7 @@ impl Backups {
             .ok_or_else(|| BackupError::RepositoryNotFound(name).into())
     }
 
-    fn pin(&self, ids: &[BackupId], restore: bool) -> Pin<'_> {
+    fn pin(&self, ids: &[BackupId], restore: bool) -> Pin {
         let mut pins = lock(&self.pins);
         for id in ids {
             let e = pins.entry(id.clone()).or_default();
@@ -263,7 +263,7 @@ impl Backups {
             }
         }
         Pin {
-            backups: self,
+            pins: self.pins.clone(),
             ids: ids.to_vec(),
             restore,
         }
@@ -300,15 +300,16 @@ impl Backups {
 }
 
 /// Pins on backups, released on drop.
-struct Pin<'a> {
-    backups: &'a Backups,
+#[derive(Debug)]
+struct Pin {
+    pins: Arc<Mutex<HashMap<BackupId, (usize, usize)>>>,
     ids: Vec<BackupId>,
     restore: bool,
 }
 
-impl Drop for Pin<'_> {
+impl Drop for Pin {
     fn drop(&mut self) {
-        let mut pins = lock(&self.backups.pins);
+        let mut pins = lock(&self.pins);
         for id in &self.ids {
             if let Some(e) = pins.get_mut(id) {
                 if self.restore {
@@ -470,10 +471,16 @@ impl AgentService {
             Some(p) => vec![p.meta.id()?],
             None => Vec::new(),
         };
+        // Pinned from now on: the parent cannot be deleted under the backup.
+        let pin = self.backups.pin(&parent_ids, false);
 
         // What to read: the volume itself under its guard, or a temporary snapshot of it.
         let (source_path, size, vol_guard, temp) = if exported {
             let snap = temp_snapshot_id(&id)?;
+            // A leftover of an interrupted attempt holds older data: never reuse it.
+            if self.get_snapshot(&snap).is_ok() {
+                self.delete_snapshot(&snap).await?;
+            }
             let md = BTreeMap::from([(TEMP_SNAPSHOT_KEY.to_owned(), id.to_string())]);
             let s = self.create_snapshot(snap.clone(), &vol.id, md).await?;
             let (path, _) = self.data_path(&super::DataSource::Snapshot(snap.clone()))?;
@@ -519,7 +526,7 @@ impl AgentService {
                 repo,
                 source,
                 parent: parent.map(Arc::new),
-                parent_ids,
+                _pin: pin,
                 progress,
                 volume: vol.id,
                 temp,
@@ -532,18 +539,15 @@ impl AgentService {
     }
 
     async fn run_backup(&self, t: BackupTask) {
-        let result = {
-            let _pin = self.backups.pin(&t.parent_ids, false);
-            engine::backup(
-                t.repo.clone(),
-                &t.id,
-                &t.source,
-                t.parent.clone(),
-                &self.backups.settings,
-                &t.progress,
-            )
-            .await
-        };
+        let result = engine::backup(
+            t.repo.clone(),
+            &t.id,
+            &t.source,
+            t.parent.clone(),
+            &self.backups.settings,
+            &t.progress,
+        )
+        .await;
         if let Some(snap) = &t.temp {
             if let Err(e) = self.delete_snapshot(snap).await {
                 tracing::error!(backup = %t.id, snapshot = %snap, error = %e, "cannot delete the temporary snapshot");
@@ -836,7 +840,7 @@ impl AgentService {
         volume: &VolumeId,
     ) -> Result<Running, AgentError> {
         let (repo, meta) = self.available(id).await?;
-        let mut chain = engine::check_chain(repo.as_ref(), &meta).await?;
+        let chain = engine::check_chain(repo.as_ref(), &meta).await?;
         let (guard, path, size, _) = self.begin_write(volume)?;
         if size.0 < meta.volume_size {
             return Err(BackupError::TargetTooSmall {
@@ -847,7 +851,11 @@ impl AgentService {
             }
             .into());
         }
-        chain.push(id.clone());
+        // The backup shows `restoring`; its ancestors are only protected from deletion.
+        let pin = (
+            self.backups.pin(std::slice::from_ref(id), true),
+            self.backups.pin(&chain, false),
+        );
         self.set_status_keys(volume, Some(("restoring", "")))
             .await?;
         lock(&self.backups.activity).insert(volume.clone(), Activity::Restoring(id.clone()));
@@ -869,17 +877,15 @@ impl AgentService {
         let id = id.clone();
         tokio::spawn(async move {
             let _guard: Guard = guard;
-            let result = {
-                let _pin = me.backups.pin(&chain, true);
-                engine::restore(
-                    repo.clone(),
-                    &meta,
-                    &target,
-                    &me.backups.settings,
-                    &progress,
-                )
-                .await
-            };
+            let result = engine::restore(
+                repo.clone(),
+                &meta,
+                &target,
+                &me.backups.settings,
+                &progress,
+            )
+            .await;
+            drop(pin);
             let outcome = match result {
                 Ok(()) => match me.finish_restore(&volume, &meta).await {
                     Ok(()) => {
@@ -1037,7 +1043,8 @@ struct BackupTask {
     repo: Arc<dyn Repository>,
     source: Source,
     parent: Option<Arc<Parent>>,
-    parent_ids: Vec<BackupId>,
+    /// The parent, pinned until the backup ends.
+    _pin: Pin,
     progress: Arc<Progress>,
     volume: VolumeId,
     temp: Option<SnapshotId>,
