@@ -551,7 +551,8 @@ mod tests {
 
     #[test]
     fn chunk_table_must_cover_the_volume() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut Metadata)>)> = vec![
+        type Breaker = Box<dyn Fn(&mut Metadata)>;
+        let cases: Vec<(&str, Breaker)> = vec![
             ("gap", Box::new(|m| drop(m.chunks.remove(1)))),
             ("short", Box::new(|m| m.volume_size += 1)),
             ("too long", Box::new(|m| m.chunk_size = BLOCK_SIZE)),

@@ -57,9 +57,9 @@ pub enum RepoError {
         op: &'static str,
         /// The key (or bucket).
         key: String,
-        /// The store's error.
+        /// The store's error (boxed: it is large, and rare).
         #[source]
-        source: object_store::Error,
+        source: Box<object_store::Error>,
     },
     /// The repository's configuration is unusable.
     #[error("{0}")]
@@ -341,7 +341,7 @@ impl S3Repository {
         let store = b.build().map_err(|source| RepoError::Store {
             op: "configure bucket",
             key: bucket.clone(),
-            source,
+            source: Box::new(source),
         })?;
         Ok(S3Repository {
             name: cfg.name.clone(),
@@ -368,7 +368,11 @@ impl S3Repository {
         let key = key.to_owned();
         move |source| match source {
             object_store::Error::NotFound { .. } => RepoError::NotFound { key },
-            source => RepoError::Store { op, key, source },
+            source => RepoError::Store {
+                op,
+                key,
+                source: Box::new(source),
+            },
         }
     }
 }
@@ -415,7 +419,7 @@ impl Repository for S3Repository {
             Err(source) => Err(RepoError::Store {
                 op: "delete",
                 key: key.to_owned(),
-                source,
+                source: Box::new(source),
             }),
         }
     }
