@@ -8,11 +8,12 @@
 //! additionally makes everything put before it durable first, then stores its object
 //! atomically. A backup's `metadata` goes through `put_commit`, last.
 
+use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
 use object_store::aws::{AmazonS3, AmazonS3Builder};
@@ -115,11 +116,18 @@ pub fn open(cfg: &BackupRepositoryConfig) -> Result<Arc<dyn Repository>, RepoErr
 // POSIX directory
 
 /// A directory: containers are subdirectories, objects files. Objects are written under a
-/// temporary name, flushed and renamed; a commit also flushes the directories.
-#[derive(Debug)]
+/// temporary name and renamed, so a reader never sees half an object. Flushing is deferred
+/// to the container's commit, which flushes every object written since, then the directory,
+/// then writes the commit object the same way and flushes it: the commit record can only
+/// be durable after everything it describes. (Flushing each object as it is written would
+/// hold a pipeline slot for every `fdatasync`.)
+#[derive(Debug, Clone)]
 pub struct PosixRepository {
     name: String,
     root: PathBuf,
+    // Objects written and not yet flushed, by container. Locked for a push or a take, never
+    // while flushing.
+    unsynced: Arc<Mutex<HashMap<String, Vec<PathBuf>>>>,
 }
 
 fn io_err(op: &'static str, path: &Path, key: &str, e: std::io::Error) -> RepoError {
@@ -172,7 +180,12 @@ impl PosixRepository {
         PosixRepository {
             name: name.to_owned(),
             root,
+            unsynced: Arc::new(Mutex::new(HashMap::new())),
         }
+    }
+
+    fn unsynced(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<PathBuf>>> {
+        self.unsynced.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn write(&self, key: &str, data: &[u8], commit: bool) -> Result<(), RepoError> {
@@ -180,7 +193,14 @@ impl PosixRepository {
         let dir = self.root.join(container);
         std::fs::create_dir_all(&dir).map_err(|e| io_err("create", &dir, key, e))?;
         if commit {
-            // The chunks' renames become durable before the commit record can exist.
+            // Everything written before, and the renames, become durable before the commit
+            // record can exist.
+            let pending = self.unsynced().remove(container).unwrap_or_default();
+            for path in pending {
+                std::fs::File::open(&path)
+                    .and_then(|f| f.sync_data())
+                    .map_err(|e| io_err("fsync", &path, key, e))?;
+            }
             sync_dir(&dir, key)?;
         }
         let tmp = dir.join(format!(".{object}.tmp"));
@@ -189,7 +209,9 @@ impl PosixRepository {
             let mut f = std::fs::File::create(&tmp).map_err(|e| io_err("create", &tmp, key, e))?;
             f.write_all(data)
                 .map_err(|e| io_err("write", &tmp, key, e))?;
-            f.sync_data().map_err(|e| io_err("fsync", &tmp, key, e))?;
+            if commit {
+                f.sync_data().map_err(|e| io_err("fsync", &tmp, key, e))?;
+            }
             std::fs::rename(&tmp, &path).map_err(|e| io_err("rename", &path, key, e))
         })();
         if written.is_err() {
@@ -199,6 +221,11 @@ impl PosixRepository {
         if commit {
             sync_dir(&dir, key)?;
             sync_dir(&self.root, key)?;
+        } else {
+            self.unsynced()
+                .entry(container.to_owned())
+                .or_default()
+                .push(path);
         }
         Ok(())
     }
@@ -215,13 +242,13 @@ impl Repository for PosixRepository {
     }
 
     async fn put(&self, key: &str, data: Vec<u8>) -> Result<(), RepoError> {
-        let me = PosixRepository::new(&self.name, self.root.clone());
+        let me = self.clone();
         let key = key.to_owned();
         blocking(move || me.write(&key, &data, false)).await
     }
 
     async fn put_commit(&self, key: &str, data: Vec<u8>) -> Result<(), RepoError> {
-        let me = PosixRepository::new(&self.name, self.root.clone());
+        let me = self.clone();
         let key = key.to_owned();
         blocking(move || me.write(&key, &data, true)).await
     }
@@ -256,6 +283,7 @@ impl Repository for PosixRepository {
 
     async fn remove_container(&self, container: &str) -> Result<(), RepoError> {
         split_key(&format!("{container}/x"))?;
+        self.unsynced().remove(container);
         let dir = self.root.join(container);
         // Leftover temporary files of an interrupted write go with the container.
         for name in list_hidden(&dir)? {
