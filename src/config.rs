@@ -381,6 +381,114 @@ impl Default for TgtConfig {
     }
 }
 
+/// A secret configuration value (an S3 secret key): never printed by `Debug`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// A secret holding `s`.
+    pub fn new(s: impl Into<String>) -> Self {
+        Secret(s.into())
+    }
+
+    /// The secret text (to hand to the client that needs it, never to a log).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// What a backup repository is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RepositoryKind {
+    /// A directory (local disk, NFS mount).
+    Posix,
+    /// An S3-compatible bucket.
+    S3,
+}
+
+/// One backup repository (`[[backup_repositories]]`, Cinder's backup driver settings).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRepositoryConfig {
+    /// Name, unique on this agent; backups name the repository they are in.
+    pub name: String,
+    /// Directory or S3 bucket.
+    pub kind: RepositoryKind,
+    /// Directory of a `posix` repository.
+    #[serde(default)]
+    pub path: Option<PathBuf>,
+    /// S3 endpoint URL (default: AWS for the region), e.g. `http://127.0.0.1:9000`.
+    #[serde(default)]
+    pub endpoint: Option<String>,
+    /// S3 bucket (must exist).
+    #[serde(default)]
+    pub bucket: Option<String>,
+    /// S3 region (default `us-east-1`).
+    #[serde(default)]
+    pub region: Option<String>,
+    /// Key prefix inside the bucket.
+    #[serde(default)]
+    pub prefix: Option<String>,
+    /// S3 access key id.
+    #[serde(default)]
+    pub access_key_id: Option<String>,
+    /// S3 secret access key.
+    #[serde(default)]
+    pub secret_access_key: Option<Secret>,
+    /// Allow a plain `http://` endpoint.
+    #[serde(default)]
+    pub allow_http: bool,
+}
+
+/// Compression of backup objects.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BackupCompression {
+    /// zstd at `zstd_level`.
+    #[default]
+    Zstd,
+    /// Stored as read.
+    None,
+}
+
+/// How backups are made (`[backup]`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BackupConfig {
+    /// Chunk size in bytes: the unit that is read, hashed, compressed and stored; a multiple
+    /// of 32 KiB between 64 KiB and 64 MiB.
+    pub chunk_size: u64,
+    /// Chunks being hashed, compressed or written at once (memory use is about
+    /// 2 x chunk_size x (max_in_flight + 3) per running backup).
+    pub max_in_flight: usize,
+    /// Compression of new chunk objects.
+    pub compression: BackupCompression,
+    /// zstd level (1..=19).
+    pub zstd_level: i32,
+    /// Repository used when a request names none (default: the first one listed).
+    pub default_repository: Option<String>,
+}
+
+impl Default for BackupConfig {
+    fn default() -> Self {
+        BackupConfig {
+            chunk_size: 4 << 20,
+            max_in_flight: 4,
+            compression: BackupCompression::Zstd,
+            zstd_level: 3,
+            default_repository: None,
+        }
+    }
+}
+
 /// `cinderblock agent`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -402,6 +510,10 @@ pub struct AgentConfig {
     pub reconcile_interval_secs: u64,
     /// Pools served.
     pub pools: Vec<PoolConfig>,
+    /// How backups are made.
+    pub backup: BackupConfig,
+    /// Where backups are stored.
+    pub backup_repositories: Vec<BackupRepositoryConfig>,
 }
 
 impl Default for AgentConfig {
@@ -415,6 +527,8 @@ impl Default for AgentConfig {
             metrics_listen: None,
             reconcile_interval_secs: 10,
             pools: Vec::new(),
+            backup: BackupConfig::default(),
+            backup_repositories: Vec::new(),
         }
     }
 }
@@ -498,6 +612,79 @@ impl AgentConfig {
                         ));
                     }
                 }
+            }
+        }
+        self.validate_backup(prefix)
+    }
+
+    fn validate_backup(&self, prefix: &str) -> Result<(), ConfigError> {
+        let b = &self.backup;
+        if b.chunk_size % (32 << 10) != 0 || !((64 << 10)..=(64 << 20)).contains(&b.chunk_size) {
+            return Err(invalid(
+                format!("{prefix}backup.chunk_size"),
+                "must be a multiple of 32 KiB between 64 KiB and 64 MiB",
+            ));
+        }
+        if !(1..=64).contains(&b.max_in_flight) {
+            return Err(invalid(
+                format!("{prefix}backup.max_in_flight"),
+                "must be between 1 and 64",
+            ));
+        }
+        if !(1..=19).contains(&b.zstd_level) {
+            return Err(invalid(
+                format!("{prefix}backup.zstd_level"),
+                "must be between 1 and 19",
+            ));
+        }
+        let mut names = BTreeSet::new();
+        for (i, r) in self.backup_repositories.iter().enumerate() {
+            let key = |k: &str| format!("{prefix}backup_repositories[{i}].{k}");
+            if !valid_name(&r.name) {
+                return Err(invalid(
+                    key("name"),
+                    "use 1-64 characters of [A-Za-z0-9_.-]",
+                ));
+            }
+            if !names.insert(r.name.as_str()) {
+                return Err(invalid(
+                    key("name"),
+                    format!("duplicate repository {:?}", r.name),
+                ));
+            }
+            match r.kind {
+                RepositoryKind::Posix => {
+                    if r.path.is_none() {
+                        return Err(invalid(key("path"), "a posix repository needs a directory"));
+                    }
+                }
+                RepositoryKind::S3 => {
+                    if r.bucket.as_deref().is_none_or(str::is_empty) {
+                        return Err(invalid(key("bucket"), "an s3 repository needs a bucket"));
+                    }
+                    if r.access_key_id.is_some() != r.secret_access_key.is_some() {
+                        return Err(invalid(
+                            key("secret_access_key"),
+                            "give access_key_id and secret_access_key together",
+                        ));
+                    }
+                    if let Some(ep) = &r.endpoint {
+                        if ep.starts_with("http://") && !r.allow_http {
+                            return Err(invalid(
+                                key("allow_http"),
+                                "the endpoint is plain http://: set allow_http = true",
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        if let Some(d) = &b.default_repository {
+            if !names.contains(d.as_str()) {
+                return Err(invalid(
+                    format!("{prefix}backup.default_repository"),
+                    format!("no [[backup_repositories]] entry is named {d:?}"),
+                ));
             }
         }
         Ok(())
@@ -688,6 +875,82 @@ mod tests {
         match cfg.validate("agent.") {
             Err(ConfigError::Invalid { key, .. }) => assert_eq!(key, "agent.pools[0].thin_pool"),
             other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn backup_sections_parse_and_impossible_values_name_the_key() {
+        let good = r#"
+[backup]
+chunk_size = 1048576
+max_in_flight = 8
+compression = "none"
+zstd_level = 5
+default_repository = "s3"
+
+[[backup_repositories]]
+name = "local"
+kind = "posix"
+path = "/srv/backups"
+
+[[backup_repositories]]
+name = "s3"
+kind = "s3"
+endpoint = "http://127.0.0.1:9000"
+bucket = "b"
+access_key_id = "id"
+secret_access_key = "very-secret"
+allow_http = true
+"#;
+        let cfg: AgentConfig = parse_str(good).unwrap();
+        cfg.validate("").unwrap();
+        assert_eq!(cfg.backup.compression, BackupCompression::None);
+        assert_eq!(cfg.backup_repositories[1].kind, RepositoryKind::S3);
+        let debug = format!("{cfg:?}");
+        assert!(!debug.contains("very-secret"), "{debug}");
+        assert_eq!(
+            cfg.backup_repositories[1]
+                .secret_access_key
+                .as_ref()
+                .map(Secret::expose),
+            Some("very-secret")
+        );
+        let cases = [
+            ("[backup]\nchunk_size = 100000\n", "backup.chunk_size"),
+            ("[backup]\nchunk_size = 32768\n", "backup.chunk_size"),
+            ("[backup]\nmax_in_flight = 0\n", "backup.max_in_flight"),
+            ("[backup]\nzstd_level = 30\n", "backup.zstd_level"),
+            (
+                "[backup]\ndefault_repository = \"nope\"\n",
+                "backup.default_repository",
+            ),
+            (
+                "[[backup_repositories]]\nname = \"r\"\nkind = \"posix\"\n",
+                "backup_repositories[0].path",
+            ),
+            (
+                "[[backup_repositories]]\nname = \"r\"\nkind = \"s3\"\n",
+                "backup_repositories[0].bucket",
+            ),
+            (
+                "[[backup_repositories]]\nname = \"r\"\nkind = \"s3\"\nbucket = \"b\"\nendpoint = \"http://x\"\n",
+                "backup_repositories[0].allow_http",
+            ),
+            (
+                "[[backup_repositories]]\nname = \"r\"\nkind = \"s3\"\nbucket = \"b\"\naccess_key_id = \"a\"\n",
+                "backup_repositories[0].secret_access_key",
+            ),
+            (
+                "[[backup_repositories]]\nname = \"r\"\nkind = \"posix\"\npath = \"/a\"\n[[backup_repositories]]\nname = \"r\"\nkind = \"posix\"\npath = \"/b\"\n",
+                "backup_repositories[1].name",
+            ),
+        ];
+        for (text, key) in cases {
+            let cfg: AgentConfig = parse_str(text).unwrap();
+            match cfg.validate("") {
+                Err(ConfigError::Invalid { key: k, .. }) => assert_eq!(k, key, "{text}"),
+                other => panic!("{text}: {other:?}"),
+            }
         }
     }
 

@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod agent_rpc;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod controller;

@@ -49,7 +49,7 @@ pub fn device_size(path: &Path) -> Result<u64, AgentError> {
 
 /// Data ranges of a file as (start, end) pairs, from SEEK_DATA/SEEK_HOLE. Block devices
 /// (which do not support it) come back as one range covering everything.
-fn data_ranges(file: &File, size: u64) -> Vec<(u64, u64)> {
+pub fn data_ranges(file: &File, size: u64) -> Vec<(u64, u64)> {
     use rustix::fs::{seek, SeekFrom as RSeek};
     let mut out = Vec::new();
     let mut pos = 0u64;

@@ -48,6 +48,7 @@ macro_rules! id_type {
 
 id_type!(VolumeId, "volume");
 id_type!(SnapshotId, "snapshot");
+id_type!(BackupId, "backup");
 
 /// An iSCSI qualified name (initiator or target), checked for the characters tgtadm and
 /// iscsiadm accept: `iqn.` followed by `[a-z0-9.:-]` (RFC 3720 names are lower case).

@@ -22,7 +22,7 @@ use std::path::PathBuf;
 use crate::exec::ExecError;
 use crate::types::Bytes;
 
-pub use ids::{Iqn, SnapshotId, VolumeId};
+pub use ids::{BackupId, Iqn, SnapshotId, VolumeId};
 
 /// Everything that can go wrong in the agent. The one mapping to gRPC codes is in
 /// `agent_rpc::status`.
@@ -115,6 +115,9 @@ pub enum AgentError {
         /// What was wrong.
         reason: String,
     },
+    /// A backup, restore or backup record operation failed.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
     /// A file operation failed.
     #[error("{op} {path}")]
     Io {

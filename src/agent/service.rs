@@ -12,6 +12,13 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+mod backups;
+
+pub use backups::{
+    error_chain, BackupStatus, BackupView, CreateBackup, Outcome, Running, VolumeState, STATUS_KEY,
+    STATUS_REASON_KEY, TEMP_SNAPSHOT_KEY,
+};
+
 use super::backend::{
     Backend, NewSnapshot, NewVolume, PoolStats, SnapshotRecord, Source, VolumeRecord,
 };
@@ -134,6 +141,8 @@ pub struct AgentService {
     // The tgtd instance the last reconciliation pass saw. Locked briefly, never across an
     // `.await`.
     last_tgtd: Mutex<Option<TgtdInstance>>,
+    // Repositories, running and failed backups, volumes in use by backups and restores.
+    backups: backups::Backups,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -203,6 +212,7 @@ impl AgentService {
             index: RwLock::new(Index::default()),
             counters: ReconcileCounters::default(),
             last_tgtd: Mutex::new(None),
+            backups: backups::Backups::new(cfg)?,
         })
     }
 
@@ -216,12 +226,15 @@ impl AgentService {
         self.pools.keys().cloned().collect()
     }
 
-    /// Opens every pool (cleaning leftovers of interrupted operations) and reconciles.
+    /// Opens every pool (cleaning leftovers of interrupted operations), reconciles, and
+    /// removes the temporary snapshots of backups that were running when the agent stopped.
     pub async fn start(&self) -> Result<(), AgentError> {
         for p in self.pools.values() {
             p.backend.open().await?;
         }
-        self.reconcile().await
+        self.reconcile().await?;
+        self.remove_temporary_snapshots().await;
+        Ok(())
     }
 
     /// Runs [`AgentService::reconcile`] every `every` until `shutdown`.
@@ -459,6 +472,7 @@ impl AgentService {
         let Some(vol) = read(&self.index).volumes.get(id).cloned() else {
             return Ok(());
         };
+        self.backup_activity_blocks(id)?;
         let snaps = self.snapshot_count(id);
         if snaps > 0 {
             return Err(AgentError::HasSnapshots {

@@ -8,11 +8,15 @@ use std::time::UNIX_EPOCH;
 use futures::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::status::to_status;
+use super::status::{status_of, to_status};
 use crate::agent::backend::{Capacity, SnapshotRecord, Source, VolumeRecord};
 use crate::agent::data::{self, Chunk};
-use crate::agent::service::{AgentService, CreateVolume, DataSource, PoolReport};
-use crate::agent::{AgentError, Iqn, SnapshotId, VolumeId};
+use crate::agent::service::{
+    AgentService, BackupStatus, BackupView, CreateBackup, CreateVolume, DataSource, PoolReport,
+    Running, VolumeState,
+};
+use crate::agent::{AgentError, BackupId, Iqn, SnapshotId, VolumeId};
+use crate::backup::format::Compression;
 use crate::config::PoolKindConfig;
 use crate::proto::agent as pb;
 use crate::types::Bytes;
@@ -28,6 +32,12 @@ impl AgentApi {
     pub fn new(agent: Arc<AgentService>) -> Self {
         AgentApi { agent }
     }
+
+    fn volume_pb(&self, v: VolumeRecord) -> pb::Volume {
+        let n = self.agent.snapshots_of(&v.id);
+        let state = self.agent.volume_state(&v);
+        volume_to_pb(v, n, state)
+    }
 }
 
 fn vid(s: &str) -> Result<VolumeId, Status> {
@@ -37,6 +47,13 @@ fn vid(s: &str) -> Result<VolumeId, Status> {
 fn sid(s: &str) -> Result<SnapshotId, Status> {
     SnapshotId::parse(s).map_err(to_status)
 }
+
+fn bid(s: &str) -> Result<BackupId, Status> {
+    BackupId::parse(s).map_err(to_status)
+}
+
+/// How often a CreateBackup or RestoreBackup stream reports progress.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn timestamp(t: std::time::SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
@@ -113,11 +130,13 @@ pub fn pool_to_pb(p: PoolReport) -> pb::Pool {
     }
 }
 
-fn volume_to_pb(v: VolumeRecord, snapshot_count: u32) -> pb::Volume {
-    let status = if v.exported_to.is_empty() {
-        pb::VolumeStatus::Available
-    } else {
-        pb::VolumeStatus::InUse
+fn volume_to_pb(v: VolumeRecord, snapshot_count: u32, state: VolumeState) -> pb::Volume {
+    let status = match state {
+        VolumeState::Available => pb::VolumeStatus::Available,
+        VolumeState::InUse => pb::VolumeStatus::InUse,
+        VolumeState::BackingUp => pb::VolumeStatus::BackingUp,
+        VolumeState::Restoring => pb::VolumeStatus::Restoring,
+        VolumeState::Error => pb::VolumeStatus::Error,
     };
     pb::Volume {
         id: v.id.to_string(),
@@ -179,6 +198,97 @@ fn chunk_to_pb(c: Chunk) -> pb::DataChunk {
 }
 
 type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::DataChunk, Status>> + Send>>;
+type ProgressStream = Pin<Box<dyn Stream<Item = Result<pb::BackupProgress, Status>> + Send>>;
+
+fn time_pb(secs: u64) -> Option<prost_types::Timestamp> {
+    (secs > 0).then_some(prost_types::Timestamp {
+        seconds: secs as i64,
+        nanos: 0,
+    })
+}
+
+/// Wire form of a backup.
+pub fn backup_to_pb(b: BackupView) -> pb::Backup {
+    let status = match b.status {
+        BackupStatus::Creating => pb::BackupStatus::Creating,
+        BackupStatus::Available => pb::BackupStatus::Available,
+        BackupStatus::Error => pb::BackupStatus::Error,
+        BackupStatus::Restoring => pb::BackupStatus::Restoring,
+    };
+    let compression = match b.compression {
+        None => pb::BackupCompression::Unspecified,
+        Some(Compression::None) => pb::BackupCompression::None,
+        Some(Compression::Zstd) => pb::BackupCompression::Zstd,
+    };
+    pb::Backup {
+        id: b.id.to_string(),
+        repository: b.repository,
+        status: status as i32,
+        fail_reason: b.fail_reason,
+        volume_id: b.volume_id,
+        volume_size_bytes: b.volume_size,
+        volume_type: b.volume_type,
+        parent_id: b.parent_id.unwrap_or_default(),
+        dependent_ids: b.dependents,
+        created_at: time_pb(b.created_at),
+        completed_at: time_pb(b.completed_at),
+        chunk_bytes: b.chunk_size,
+        compression: compression as i32,
+        data_bytes: b.stats.data_bytes,
+        hole_bytes: b.stats.hole_bytes,
+        stored_bytes: b.stats.stored_bytes,
+        stored_chunks: b.stats.stored_chunks,
+        reused_chunks: b.stats.reused_chunks,
+        bytes_done: b.bytes_done,
+        bytes_total: b.bytes_total,
+    }
+}
+
+/// The progress of a running backup or restore every [`PROGRESS_EVERY`], then its result.
+fn progress_stream(r: Running) -> ProgressStream {
+    let out = async_stream::stream! {
+        let mut outcome = r.outcome;
+        loop {
+            let ended = outcome.borrow_and_update().clone();
+            match ended {
+                Some(Ok(b)) => {
+                    yield Ok(pb::BackupProgress {
+                        backup_id: r.id.to_string(),
+                        bytes_done: r.progress.done().max(b.bytes_done),
+                        bytes_total: r.progress.total().max(b.bytes_total),
+                        stored_bytes: r.progress.stored(),
+                        done: true,
+                        backup: Some(backup_to_pb(b)),
+                    });
+                    break;
+                }
+                Some(Err(e)) => {
+                    yield Err(status_of(&e));
+                    break;
+                }
+                None => {}
+            }
+            yield Ok(pb::BackupProgress {
+                backup_id: r.id.to_string(),
+                bytes_done: r.progress.done(),
+                bytes_total: r.progress.total(),
+                stored_bytes: r.progress.stored(),
+                done: false,
+                backup: None,
+            });
+            tokio::select! {
+                changed = outcome.changed() => {
+                    if changed.is_err() && outcome.borrow().is_none() {
+                        yield Err(Status::internal(format!("the task of backup {} ended without a result", r.id)));
+                        break;
+                    }
+                }
+                _ = tokio::time::sleep(PROGRESS_EVERY) => {}
+            }
+        }
+    };
+    Box::pin(out)
+}
 
 #[tonic::async_trait]
 impl pb::agent_server::Agent for AgentApi {
@@ -233,8 +343,7 @@ impl pb::agent_server::Agent for AgentApi {
             source,
         };
         let v = self.agent.create_volume(req).await.map_err(to_status)?;
-        let n = self.agent.snapshots_of(&v.id);
-        Ok(Response::new(volume_to_pb(v, n)))
+        Ok(Response::new(self.volume_pb(v)))
     }
 
     async fn delete_volume(
@@ -259,7 +368,7 @@ impl pb::agent_server::Agent for AgentApi {
             .extend_volume(&id, Bytes(r.new_size_bytes))
             .await
             .map_err(to_status)?;
-        Ok(Response::new(volume_to_pb(v, self.agent.snapshots_of(&id))))
+        Ok(Response::new(self.volume_pb(v)))
     }
 
     async fn get_volume(
@@ -268,7 +377,7 @@ impl pb::agent_server::Agent for AgentApi {
     ) -> Result<Response<pb::Volume>, Status> {
         let id = vid(&r.get_ref().volume_id)?;
         let v = self.agent.get_volume(&id).map_err(to_status)?;
-        Ok(Response::new(volume_to_pb(v, self.agent.snapshots_of(&id))))
+        Ok(Response::new(self.volume_pb(v)))
     }
 
     async fn list_volumes(
@@ -277,13 +386,7 @@ impl pb::agent_server::Agent for AgentApi {
     ) -> Result<Response<pb::ListVolumesResponse>, Status> {
         let pool = Some(r.get_ref().pool.as_str()).filter(|p| !p.is_empty());
         let vols = self.agent.list_volumes(pool).map_err(to_status)?;
-        let volumes = vols
-            .into_iter()
-            .map(|v| {
-                let n = self.agent.snapshots_of(&v.id);
-                volume_to_pb(v, n)
-            })
-            .collect();
+        let volumes = vols.into_iter().map(|v| self.volume_pb(v)).collect();
         Ok(Response::new(pb::ListVolumesResponse { volumes }))
     }
 
@@ -300,7 +403,7 @@ impl pb::agent_server::Agent for AgentApi {
             .update_volume(&id, vt, r.replace_metadata.then_some(&md))
             .await
             .map_err(to_status)?;
-        Ok(Response::new(volume_to_pb(v, self.agent.snapshots_of(&id))))
+        Ok(Response::new(self.volume_pb(v)))
     }
 
     async fn create_snapshot(
@@ -489,6 +592,126 @@ impl pb::agent_server::Agent for AgentApi {
         Ok(Response::new(pb::WriteVolumeResponse {
             bytes_written: written,
             hole_bytes: holes,
+        }))
+    }
+
+    type CreateBackupStream = ProgressStream;
+
+    async fn create_backup(
+        &self,
+        r: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<Self::CreateBackupStream>, Status> {
+        let r = r.into_inner();
+        let req = CreateBackup {
+            id: bid(&r.backup_id)?,
+            volume: vid(&r.volume_id)?,
+            repository: Some(r.repository).filter(|s| !s.is_empty()),
+            incremental: r.incremental,
+            force: r.force,
+        };
+        let running = self.agent.create_backup(req).await.map_err(to_status)?;
+        Ok(Response::new(progress_stream(running)))
+    }
+
+    async fn get_backup(
+        &self,
+        r: Request<pb::GetBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        let b = self
+            .agent
+            .get_backup(&bid(&r.get_ref().backup_id)?)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(backup_to_pb(b)))
+    }
+
+    async fn list_backups(
+        &self,
+        r: Request<pb::ListBackupsRequest>,
+    ) -> Result<Response<pb::ListBackupsResponse>, Status> {
+        let r = r.into_inner();
+        let volume = if r.volume_id.is_empty() {
+            None
+        } else {
+            Some(vid(&r.volume_id)?)
+        };
+        let backups = self
+            .agent
+            .list_backups(Some(r.repository.as_str()), volume.as_ref())
+            .await
+            .map_err(to_status)?
+            .into_iter()
+            .map(backup_to_pb)
+            .collect();
+        Ok(Response::new(pb::ListBackupsResponse { backups }))
+    }
+
+    async fn delete_backup(
+        &self,
+        r: Request<pb::DeleteBackupRequest>,
+    ) -> Result<Response<pb::DeleteBackupResponse>, Status> {
+        self.agent
+            .delete_backup(&bid(&r.get_ref().backup_id)?)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::DeleteBackupResponse {}))
+    }
+
+    type RestoreBackupStream = ProgressStream;
+
+    async fn restore_backup(
+        &self,
+        r: Request<pb::RestoreBackupRequest>,
+    ) -> Result<Response<Self::RestoreBackupStream>, Status> {
+        let r = r.into_inner();
+        let running = self
+            .agent
+            .restore_backup(&bid(&r.backup_id)?, &vid(&r.volume_id)?)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(progress_stream(running)))
+    }
+
+    async fn export_backup_record(
+        &self,
+        r: Request<pb::ExportBackupRecordRequest>,
+    ) -> Result<Response<pb::BackupRecord>, Status> {
+        let (record, repository) = self
+            .agent
+            .export_backup_record(&bid(&r.get_ref().backup_id)?)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(pb::BackupRecord { repository, record }))
+    }
+
+    async fn import_backup_record(
+        &self,
+        r: Request<pb::ImportBackupRecordRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        let r = r.into_inner();
+        let b = self
+            .agent
+            .import_backup_record(&r.record, Some(r.repository.as_str()))
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(backup_to_pb(b)))
+    }
+
+    async fn list_backup_repositories(
+        &self,
+        _r: Request<pb::ListBackupRepositoriesRequest>,
+    ) -> Result<Response<pb::ListBackupRepositoriesResponse>, Status> {
+        let (repos, default) = self.agent.backup_repositories();
+        let repositories = repos
+            .into_iter()
+            .map(|(name, location)| pb::BackupRepository {
+                is_default: default.as_deref() == Some(name.as_str()),
+                name,
+                location,
+            })
+            .collect();
+        Ok(Response::new(pb::ListBackupRepositoriesResponse {
+            repositories,
         }))
     }
 }

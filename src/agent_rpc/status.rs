@@ -3,6 +3,7 @@
 use tonic::{Code, Status};
 
 use crate::agent::AgentError;
+use crate::backup::{BackupError, RepoError};
 
 /// The gRPC code of each agent error. Exhaustive on purpose: a new variant must be placed.
 pub fn code(e: &AgentError) -> Code {
@@ -23,19 +24,50 @@ pub fn code(e: &AgentError) -> Code {
         AgentError::Exec { .. } | AgentError::Parse { .. } | AgentError::Io { .. } => {
             Code::Internal
         }
+        AgentError::Backup(b) => backup_code(b),
+    }
+}
+
+/// The gRPC code of each backup error (part of the one table above).
+fn backup_code(e: &BackupError) -> Code {
+    match e {
+        BackupError::NotFound(_) | BackupError::RepositoryNotFound(_) => Code::NotFound,
+        BackupError::AlreadyExists { .. } => Code::AlreadyExists,
+        BackupError::NoRepository
+        | BackupError::InUse(_)
+        | BackupError::NoParent { .. }
+        | BackupError::HasDependents { .. }
+        | BackupError::NotAvailable { .. }
+        | BackupError::ChainBroken { .. } => Code::FailedPrecondition,
+        BackupError::TargetTooSmall { .. } | BackupError::Record(_) => Code::InvalidArgument,
+        BackupError::Corrupt { .. }
+        | BackupError::MissingObject(_)
+        | BackupError::Format { .. } => Code::DataLoss,
+        BackupError::Repository { source, .. } => match source {
+            RepoError::Full { .. } => Code::ResourceExhausted,
+            RepoError::NotFound { .. } => Code::NotFound,
+            RepoError::Config(_) => Code::FailedPrecondition,
+            RepoError::Io { .. } | RepoError::Store { .. } => Code::Unavailable,
+        },
+        BackupError::Io { .. } | BackupError::Worker(_) => Code::Internal,
     }
 }
 
 /// The status sent for an agent error: its code and its message with causes.
 pub fn to_status(e: AgentError) -> Status {
+    status_of(&e)
+}
+
+/// [`to_status`] of a shared error (the outcome of a backup or restore task).
+pub fn status_of(e: &AgentError) -> Status {
     let mut msg = e.to_string();
-    let mut src = std::error::Error::source(&e);
+    let mut src = std::error::Error::source(e);
     while let Some(s) = src {
         msg.push_str(": ");
         msg.push_str(&s.to_string());
         src = s.source();
     }
-    Status::new(code(&e), msg)
+    Status::new(code(e), msg)
 }
 
 #[cfg(test)]
@@ -115,6 +147,119 @@ mod tests {
         ];
         for (err, want) in cases {
             assert_eq!(code(&err), want, "{err}");
+        }
+    }
+
+    #[test]
+    fn backup_table() {
+        let b = crate::agent::BackupId::parse("b1").unwrap();
+        let io = || std::io::Error::from(std::io::ErrorKind::Other);
+        let repo = |source| BackupError::Repository {
+            repository: "r".into(),
+            source,
+        };
+        let cases = [
+            (BackupError::NotFound(b.clone()), Code::NotFound),
+            (BackupError::RepositoryNotFound("r".into()), Code::NotFound),
+            (BackupError::NoRepository, Code::FailedPrecondition),
+            (
+                BackupError::AlreadyExists {
+                    id: b.clone(),
+                    reason: "r".into(),
+                },
+                Code::AlreadyExists,
+            ),
+            (BackupError::InUse("v".into()), Code::FailedPrecondition),
+            (
+                BackupError::NoParent {
+                    volume: "v".into(),
+                    repository: "r".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                BackupError::HasDependents {
+                    id: b.clone(),
+                    dependents: vec![],
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                BackupError::NotAvailable {
+                    id: b.clone(),
+                    status: "creating".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                BackupError::ChainBroken {
+                    id: b.clone(),
+                    missing: b.clone(),
+                    repository: "r".into(),
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                BackupError::TargetTooSmall {
+                    volume: "v".into(),
+                    size: 1,
+                    id: b.clone(),
+                    needed: 2,
+                },
+                Code::InvalidArgument,
+            ),
+            (BackupError::Record("x".into()), Code::InvalidArgument),
+            (
+                BackupError::Corrupt {
+                    object: "o".into(),
+                    reason: "r".into(),
+                },
+                Code::DataLoss,
+            ),
+            (BackupError::MissingObject("o".into()), Code::DataLoss),
+            (
+                BackupError::Format {
+                    object: "o".into(),
+                    reason: "r".into(),
+                },
+                Code::DataLoss,
+            ),
+            (
+                repo(RepoError::Full {
+                    key: "k".into(),
+                    source: io(),
+                }),
+                Code::ResourceExhausted,
+            ),
+            (
+                repo(RepoError::NotFound { key: "k".into() }),
+                Code::NotFound,
+            ),
+            (
+                repo(RepoError::Config("c".into())),
+                Code::FailedPrecondition,
+            ),
+            (
+                repo(RepoError::Io {
+                    op: "write",
+                    path: "/x".into(),
+                    source: io(),
+                }),
+                Code::Unavailable,
+            ),
+            (
+                BackupError::Io {
+                    op: "read",
+                    path: "/v".into(),
+                    source: io(),
+                },
+                Code::Internal,
+            ),
+            (BackupError::Worker("w".into()), Code::Internal),
+        ];
+        for (err, want) in cases {
+            let e = AgentError::Backup(err);
+            assert_eq!(code(&e), want, "{e}");
         }
     }
 

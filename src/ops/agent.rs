@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use clap::{Args, Subcommand};
 use serde_json::json;
 
-use super::{emit, OpsError};
+use super::{emit, human_size, utc_text, OpsError};
 use crate::cli::OutputFormat;
 use crate::proto::agent as pb;
 use crate::proto::agent::agent_client::AgentClient;
@@ -163,6 +163,65 @@ pub enum AgentCtl {
         #[arg(long)]
         initiator: Option<String>,
     },
+    /// Back up a volume into a backup repository; progress goes to stderr.
+    BackupCreate {
+        /// Volume id.
+        volume: String,
+        /// Backup id ([a-z0-9-]; default: a new UUID).
+        #[arg(long)]
+        id: Option<String>,
+        /// Store only what changed since the volume's latest backup in the repository.
+        #[arg(long)]
+        incremental: bool,
+        /// Back up an exported (in-use) volume (crash-consistent, via a temporary snapshot).
+        #[arg(long)]
+        force: bool,
+        /// Repository name (default: the agent's default repository).
+        #[arg(long)]
+        repository: Option<String>,
+    },
+    /// Backups (of one volume with --volume, of one repository with --repository).
+    Backups {
+        /// Only backups of this volume.
+        #[arg(long)]
+        volume: Option<String>,
+        /// Only this repository.
+        #[arg(long)]
+        repository: Option<String>,
+    },
+    /// One backup in detail.
+    BackupShow {
+        /// Backup id.
+        id: String,
+    },
+    /// Delete a backup (refused while incremental backups depend on it).
+    BackupDelete {
+        /// Backup id.
+        id: String,
+    },
+    /// Restore a backup onto an existing blank volume of this agent; progress on stderr.
+    BackupRestore {
+        /// Backup id.
+        backup: String,
+        /// Target volume id.
+        #[arg(long)]
+        volume: String,
+    },
+    /// Print a backup's record (Cinder's backup-export), to import on another agent.
+    BackupExport {
+        /// Backup id.
+        id: String,
+    },
+    /// Register an exported backup record in a repository that holds its objects.
+    BackupImport {
+        /// The record text, or `-` to read it from stdin.
+        record: String,
+        /// Repository to register it in (default: the one named in the record).
+        #[arg(long)]
+        repository: Option<String>,
+    },
+    /// The agent's backup repositories.
+    BackupRepositories,
 }
 
 fn rpc(name: &'static str) -> impl Fn(tonic::Status) -> OpsError {
@@ -535,6 +594,139 @@ async fn call(
             super::bench::print_report(&r, out);
             super::bench::failures(&r, "CreateVolume")?;
         }
+        AgentCtl::BackupCreate {
+            volume,
+            id,
+            incremental,
+            force,
+            repository,
+        } => {
+            let id = id.unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+            let stream = c
+                .create_backup(pb::CreateBackupRequest {
+                    backup_id: id,
+                    volume_id: volume,
+                    repository: repository.unwrap_or_default(),
+                    incremental,
+                    force,
+                })
+                .await
+                .map_err(rpc("CreateBackup"))?
+                .into_inner();
+            let b = follow(stream, "backup", "CreateBackup").await?;
+            emit(out, backup_json(&b), backup_detail(&b));
+        }
+        AgentCtl::Backups { volume, repository } => {
+            let r = c
+                .list_backups(pb::ListBackupsRequest {
+                    repository: repository.unwrap_or_default(),
+                    volume_id: volume.unwrap_or_default(),
+                })
+                .await
+                .map_err(rpc("ListBackups"))?
+                .into_inner();
+            emit(
+                out,
+                json!(r.backups.iter().map(backup_json).collect::<Vec<_>>()),
+                backup_rows(&r.backups),
+            );
+        }
+        AgentCtl::BackupShow { id } => {
+            let b = c
+                .get_backup(pb::GetBackupRequest { backup_id: id })
+                .await
+                .map_err(rpc("GetBackup"))?
+                .into_inner();
+            emit(out, backup_json(&b), backup_detail(&b));
+        }
+        AgentCtl::BackupDelete { id } => {
+            c.delete_backup(pb::DeleteBackupRequest {
+                backup_id: id.clone(),
+            })
+            .await
+            .map_err(rpc("DeleteBackup"))?;
+            emit(
+                out,
+                json!({"deleted": id}),
+                vec![vec![format!("deleted backup {id}")]],
+            );
+        }
+        AgentCtl::BackupRestore { backup, volume } => {
+            let stream = c
+                .restore_backup(pb::RestoreBackupRequest {
+                    backup_id: backup,
+                    volume_id: volume.clone(),
+                })
+                .await
+                .map_err(rpc("RestoreBackup"))?
+                .into_inner();
+            let b = follow(stream, "restore", "RestoreBackup").await?;
+            emit(
+                out,
+                json!({"restored": b.id, "volume": volume, "bytes": b.volume_size_bytes}),
+                vec![vec![format!(
+                    "restored backup {} onto volume {volume} ({})",
+                    b.id,
+                    human_size(b.volume_size_bytes)
+                )]],
+            );
+        }
+        AgentCtl::BackupExport { id } => {
+            let r = c
+                .export_backup_record(pb::ExportBackupRecordRequest { backup_id: id })
+                .await
+                .map_err(rpc("ExportBackupRecord"))?
+                .into_inner();
+            emit(
+                out,
+                json!({"repository": r.repository, "record": r.record}),
+                vec![vec![r.record]],
+            );
+        }
+        AgentCtl::BackupImport { record, repository } => {
+            let record = if record == "-" {
+                let mut text = String::new();
+                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|e| {
+                    OpsError::Io {
+                        path: "<stdin>".into(),
+                        source: e,
+                    }
+                })?;
+                text
+            } else {
+                record
+            };
+            let b = c
+                .import_backup_record(pb::ImportBackupRecordRequest {
+                    record,
+                    repository: repository.unwrap_or_default(),
+                })
+                .await
+                .map_err(rpc("ImportBackupRecord"))?
+                .into_inner();
+            emit(out, backup_json(&b), backup_detail(&b));
+        }
+        AgentCtl::BackupRepositories => {
+            let r = c
+                .list_backup_repositories(pb::ListBackupRepositoriesRequest {})
+                .await
+                .map_err(rpc("ListBackupRepositories"))?
+                .into_inner();
+            let mut rows = vec![vec!["NAME".into(), "LOCATION".into(), "DEFAULT".into()]];
+            for b in &r.repositories {
+                rows.push(vec![
+                    b.name.clone(),
+                    b.location.clone(),
+                    if b.is_default { "yes" } else { "" }.into(),
+                ]);
+            }
+            let js: Vec<_> = r
+                .repositories
+                .iter()
+                .map(|b| json!({"name": b.name, "location": b.location, "default": b.is_default}))
+                .collect();
+            emit(out, json!(js), rows);
+        }
         AgentCtl::Unexport { id, initiator } => {
             c.unexport_volume(pb::UnexportVolumeRequest {
                 volume_id: id.clone(),
@@ -569,4 +761,211 @@ fn write_secret(path: &std::path::Path, secret: &str) -> Result<(), OpsError> {
         path: path.to_owned(),
         source: e,
     })
+}
+
+fn backup_status_text(s: i32) -> String {
+    pb::BackupStatus::try_from(s)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("BACKUP_STATUS_")
+                .to_lowercase()
+        })
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+fn time_text(t: &Option<prost_types::Timestamp>) -> String {
+    t.as_ref()
+        .map(|t| {
+            utc_text(
+                std::time::UNIX_EPOCH + std::time::Duration::from_secs(t.seconds.max(0) as u64),
+            )
+        })
+        .unwrap_or_default()
+}
+
+fn backup_json(b: &pb::Backup) -> serde_json::Value {
+    let compression = pb::BackupCompression::try_from(b.compression)
+        .map(|c| {
+            c.as_str_name()
+                .trim_start_matches("BACKUP_COMPRESSION_")
+                .to_lowercase()
+        })
+        .unwrap_or_default();
+    json!({
+        "id": b.id, "repository": b.repository, "status": backup_status_text(b.status),
+        "fail_reason": b.fail_reason, "volume": b.volume_id, "volume_size_bytes": b.volume_size_bytes,
+        "type": b.volume_type, "parent": b.parent_id, "incremental": !b.parent_id.is_empty(),
+        "dependents": b.dependent_ids, "created_at": time_text(&b.created_at),
+        "completed_at": time_text(&b.completed_at), "chunk_bytes": b.chunk_bytes,
+        "compression": compression, "data_bytes": b.data_bytes, "hole_bytes": b.hole_bytes,
+        "stored_bytes": b.stored_bytes, "stored_chunks": b.stored_chunks,
+        "reused_chunks": b.reused_chunks, "bytes_done": b.bytes_done, "bytes_total": b.bytes_total,
+    })
+}
+
+fn backup_rows(backups: &[pb::Backup]) -> Vec<Vec<String>> {
+    let mut rows = vec![[
+        "ID",
+        "VOLUME",
+        "REPOSITORY",
+        "STATUS",
+        "SIZE",
+        "STORED",
+        "PARENT",
+        "CREATED",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for b in backups {
+        rows.push(vec![
+            b.id.clone(),
+            b.volume_id.clone(),
+            b.repository.clone(),
+            backup_status_text(b.status),
+            human_size(b.volume_size_bytes),
+            human_size(b.stored_bytes),
+            b.parent_id.clone(),
+            time_text(&b.created_at),
+        ]);
+    }
+    rows
+}
+
+fn backup_detail(b: &pb::Backup) -> Vec<Vec<String>> {
+    let mut rows = vec![
+        vec!["id".into(), b.id.clone()],
+        vec!["status".into(), backup_status_text(b.status)],
+        vec!["repository".into(), b.repository.clone()],
+        vec!["volume".into(), b.volume_id.clone()],
+        vec!["size".into(), human_size(b.volume_size_bytes)],
+        vec!["type".into(), b.volume_type.clone()],
+        vec![
+            "kind".into(),
+            if b.parent_id.is_empty() {
+                "full".into()
+            } else {
+                format!("incremental on {}", b.parent_id)
+            },
+        ],
+        vec!["dependents".into(), b.dependent_ids.join(",")],
+        vec!["created".into(), time_text(&b.created_at)],
+        vec!["completed".into(), time_text(&b.completed_at)],
+        vec![
+            "data / holes".into(),
+            format!(
+                "{} / {}",
+                human_size(b.data_bytes),
+                human_size(b.hole_bytes)
+            ),
+        ],
+        vec![
+            "stored".into(),
+            format!(
+                "{} in {} chunk(s); {} chunk(s) reused",
+                human_size(b.stored_bytes),
+                b.stored_chunks,
+                b.reused_chunks
+            ),
+        ],
+    ];
+    if !b.fail_reason.is_empty() {
+        rows.push(vec!["error".into(), b.fail_reason.clone()]);
+    }
+    rows
+}
+
+/// Follows a backup or restore progress stream to its end, drawing progress on stderr: a
+/// bar redrawn in place on a terminal, else a plain line every 10%.
+async fn follow(
+    mut stream: tonic::Streaming<pb::BackupProgress>,
+    what: &str,
+    rpc_name: &'static str,
+) -> Result<pb::Backup, OpsError> {
+    use std::io::{IsTerminal, Write};
+    let tty = std::io::stderr().is_terminal();
+    let mut last_step = None;
+    loop {
+        let m = match stream.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return Err(OpsError::Rpc {
+                    rpc: rpc_name,
+                    code: tonic::Code::Unknown,
+                    message: "the stream ended without a result".into(),
+                })
+            }
+            Err(s) => {
+                if tty {
+                    eprintln!();
+                }
+                return Err(rpc(rpc_name)(s));
+            }
+        };
+        let pct = (m.bytes_done * 100).checked_div(m.bytes_total).unwrap_or(0);
+        let line = progress_line(
+            what,
+            &m.backup_id,
+            m.bytes_done,
+            m.bytes_total,
+            m.stored_bytes,
+        );
+        let mut err = std::io::stderr().lock();
+        if tty {
+            let _ = write!(err, "\r{line}");
+            if m.done {
+                let _ = writeln!(err);
+            }
+        } else if m.done || last_step != Some(pct / 10) {
+            let _ = writeln!(err, "{line}");
+            last_step = Some(pct / 10);
+        }
+        let _ = err.flush();
+        if m.done {
+            if let Some(b) = m.backup {
+                return Ok(b);
+            }
+        }
+    }
+}
+
+/// One progress line: `backup b1  45% [#########-----------] 460MiB of 1GiB, 120MiB stored`.
+fn progress_line(what: &str, id: &str, done: u64, total: u64, stored: u64) -> String {
+    const WIDTH: u64 = 20;
+    let pct = (done * 100).checked_div(total).unwrap_or(0).min(100);
+    let filled = (pct * WIDTH / 100) as usize;
+    let bar = format!(
+        "{}{}",
+        "#".repeat(filled),
+        "-".repeat(WIDTH as usize - filled)
+    );
+    let mut line = format!(
+        "{what} {id} {pct:>3}% [{bar}] {} of {}",
+        human_size(done),
+        human_size(total)
+    );
+    if stored > 0 {
+        line.push_str(&format!(", {} stored", human_size(stored)));
+    }
+    line
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn progress_lines() {
+        assert_eq!(
+            progress_line("backup", "b1", 0, 0, 0),
+            "backup b1   0% [--------------------] 0B of 0B"
+        );
+        assert_eq!(
+            progress_line("backup", "b1", 512 << 20, 1 << 30, 100 << 20),
+            "backup b1  50% [##########----------] 512MiB of 1GiB, 100MiB stored"
+        );
+        assert_eq!(
+            progress_line("restore", "b1", 1 << 30, 1 << 30, 0),
+            "restore b1 100% [####################] 1GiB of 1GiB"
+        );
+    }
 }

@@ -1,0 +1,416 @@
+//! Backup and restore throughput of a file-pool volume through the agent's backup manager
+//! (in process, POSIX repository on the same disk), each figure next to a baseline made of
+//! standard tools over the same bytes:
+//!
+//! - full backup MB/s vs `zstd -T0 -3 | sha256sum` (compress and hash, nothing written);
+//! - full backup MB/s vs `restic backup` (skipped when restic is not installed);
+//! - all-zero volume vs random volume (zeros are detected, never hashed or stored);
+//! - incremental after 1% changed vs full (time, and bytes stored);
+//! - restore MB/s vs `zstd -d | dd` of the same bytes.
+//!
+//! The volume is `CINDERBLOCK_BENCH_BACKUP_MIB` MiB (default 1024): half random, a quarter
+//! text-like (compressible), a quarter zeros (written, so read and detected). stdout gets
+//! one line per figure in the project's bench format:
+//!
+//! ```text
+//! bench: backup_full = 412.3 MB/s (baseline zstd_T0_3_pipe_sha256sum = 380.1 MB/s, ratio 1.08, goal >= 1.0)
+//! ```
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cinderblock::agent::chap::ChapKey;
+use cinderblock::agent::service::{AgentService, CreateBackup, CreateVolume, Running};
+use cinderblock::agent::{BackupId, VolumeId};
+use cinderblock::config::{AgentConfig, BackupRepositoryConfig, PoolConfig, RepositoryKind};
+use cinderblock::exec::Runner;
+use cinderblock::types::Bytes;
+
+const MIB: u64 = 1 << 20;
+
+fn mb_s(bytes: u64, t: Duration) -> f64 {
+    bytes as f64 / 1e6 / t.as_secs_f64()
+}
+
+fn line(name: &str, value: f64, unit: &str, base: &str, base_value: f64, goal: &str) {
+    println!(
+        "bench: {name} = {value:.1} {unit} (baseline {base} = {base_value:.1} {unit}, ratio {:.2}, goal {goal})",
+        value / base_value
+    );
+}
+
+fn config(dir: &Path) -> AgentConfig {
+    let pool: PoolConfig = toml::from_str(&format!(
+        "name = \"bench\"\nkind = \"file\"\npath = \"{}\"\n",
+        dir.join("pool").display()
+    ))
+    .unwrap_or_else(|e| panic!("pool config: {e}"));
+    let mut cfg = AgentConfig {
+        name: "bench".into(),
+        pools: vec![pool],
+        ..AgentConfig::default()
+    };
+    cfg.backup_repositories = vec![BackupRepositoryConfig {
+        name: "local".into(),
+        kind: RepositoryKind::Posix,
+        path: Some(dir.join("repo")),
+        endpoint: None,
+        bucket: None,
+        region: None,
+        prefix: None,
+        access_key_id: None,
+        secret_access_key: None,
+        allow_http: false,
+    }];
+    cfg
+}
+
+fn random(n: usize) -> Vec<u8> {
+    use rand::RngCore;
+    let mut b = vec![0u8; n];
+    rand::thread_rng().fill_bytes(&mut b);
+    b
+}
+
+/// Text-like bytes: log lines with varying numbers (zstd -3 gets about 4-8x on them).
+fn text(n: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(n + 200);
+    let mut i = 0u64;
+    while out.len() < n {
+        out.extend_from_slice(
+            format!(
+                "2026-01-02T03:{:02}:{:02}.{:06}Z INFO request id={:08x} volume=vol-{} latency_us={} status=ok\n",
+                (i / 60) % 60,
+                i % 60,
+                i * 7919 % 1_000_000,
+                i.wrapping_mul(2_654_435_761),
+                i % 97,
+                i * 31 % 5000
+            )
+            .as_bytes(),
+        );
+        i += 1;
+    }
+    out.truncate(n);
+    out
+}
+
+struct Bench {
+    agent: Arc<AgentService>,
+    dir: tempfile::TempDir,
+    size: u64,
+    next: u32,
+}
+
+impl Bench {
+    async fn volume(&mut self, fill: impl Fn(&std::fs::File, u64)) -> VolumeId {
+        self.next += 1;
+        let id = VolumeId::parse(&format!("v{}", self.next)).unwrap_or_else(|e| panic!("{e}"));
+        self.agent
+            .create_volume(CreateVolume {
+                id: id.clone(),
+                pool: "bench".into(),
+                size: Bytes(self.size),
+                volume_type: "default".into(),
+                metadata: BTreeMap::new(),
+                source: None,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("create volume: {e}"));
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(self.image(&id))
+            .unwrap_or_else(|e| panic!("open volume: {e}"));
+        fill(&f, self.size);
+        f.sync_all().unwrap_or_else(|e| panic!("fsync: {e}"));
+        id
+    }
+
+    fn image(&self, id: &VolumeId) -> PathBuf {
+        self.dir.path().join(format!("pool/volume-{id}.img"))
+    }
+
+    async fn backup(&self, volume: &VolumeId, id: &str, incremental: bool) -> (Duration, u64) {
+        let start = Instant::now();
+        let r = self
+            .agent
+            .create_backup(CreateBackup {
+                id: BackupId::parse(id).unwrap_or_else(|e| panic!("{e}")),
+                volume: volume.clone(),
+                repository: None,
+                incremental,
+                force: false,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("backup {id}: {e}"));
+        let b = wait(r).await;
+        (start.elapsed(), b)
+    }
+
+    async fn restore(&self, backup: &str, volume: &VolumeId) -> Duration {
+        let start = Instant::now();
+        let r = self
+            .agent
+            .restore_backup(
+                &BackupId::parse(backup).unwrap_or_else(|e| panic!("{e}")),
+                volume,
+            )
+            .await
+            .unwrap_or_else(|e| panic!("restore {backup}: {e}"));
+        wait(r).await;
+        start.elapsed()
+    }
+}
+
+/// Waits for a running backup or restore; returns the bytes it stored.
+async fn wait(mut r: Running) -> u64 {
+    loop {
+        if let Some(outcome) = r.outcome.borrow_and_update().clone() {
+            match outcome {
+                Ok(b) => return b.stats.stored_bytes,
+                Err(e) => panic!("{e}"),
+            }
+        }
+        if r.outcome.changed().await.is_err() {
+            panic!("the task ended without a result");
+        }
+    }
+}
+
+/// Runs `a | b` (argv lists) and returns the wall time.
+fn pipe(a: &[&str], b: &[&str]) -> Result<Duration, String> {
+    let start = Instant::now();
+    let mut first = Command::new(a[0])
+        .args(&a[1..])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("{}: {e}", a[0]))?;
+    let out = first.stdout.take().ok_or("no stdout")?;
+    let second = Command::new(b[0])
+        .args(&b[1..])
+        .stdin(out)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(|e| format!("{}: {e}", b[0]))?;
+    let first = first.wait().map_err(|e| e.to_string())?;
+    if !first.success() || !second.success() {
+        return Err(format!("{a:?} | {b:?} failed"));
+    }
+    Ok(start.elapsed())
+}
+
+fn restic(image: &Path, dir: &Path) -> Result<Duration, String> {
+    let repo = dir.join("restic");
+    let run = |args: &[&str]| {
+        Command::new("restic")
+            .arg("-r")
+            .arg(&repo)
+            .args(args)
+            .env("RESTIC_PASSWORD", "bench")
+            .env("RESTIC_CACHE_DIR", dir.join("restic-cache"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|e| format!("restic: {e}"))
+            .and_then(|s| {
+                s.success()
+                    .then_some(())
+                    .ok_or(format!("restic {args:?} failed"))
+            })
+    };
+    run(&["init"])?;
+    let start = Instant::now();
+    run(&["backup", &image.display().to_string()])?;
+    Ok(start.elapsed())
+}
+
+async fn run() -> Result<(), String> {
+    let mib: u64 = std::env::var("CINDERBLOCK_BENCH_BACKUP_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024);
+    let size = mib * MIB;
+    let dir = tempfile::Builder::new()
+        .prefix("cinderblock-bench-backup")
+        .tempdir_in(
+            std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from),
+        )
+        .map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(dir.path().join("pool")).map_err(|e| e.to_string())?;
+    let agent = AgentService::new(&config(dir.path()), Runner::default(), ChapKey::random())
+        .map_err(|e| e.to_string())?;
+    let mut b = Bench {
+        agent: Arc::new(agent),
+        dir,
+        size,
+        next: 0,
+    };
+    let mixed = b
+        .volume(|f, size| {
+            const STEP: u64 = 64 * MIB;
+            let mut off = 0;
+            while off < size {
+                let n = STEP.min(size - off) as usize;
+                let data = if off < size / 2 {
+                    random(n)
+                } else if off < size * 3 / 4 {
+                    text(n)
+                } else {
+                    vec![0u8; n]
+                };
+                f.write_all_at(&data, off).unwrap_or_else(|e| panic!("{e}"));
+                off += n as u64;
+            }
+        })
+        .await;
+    let image = b.image(&mixed);
+
+    // Full backup vs zstd | sha256sum over the same file (both read it from the page cache).
+    let (t_full, stored_full) = b.backup(&mixed, "full", false).await;
+    let img = image.display().to_string();
+    let t_pipe = pipe(&["zstd", "-T0", "-3", "-c", &img], &["sha256sum"])?;
+    line(
+        "backup_full",
+        mb_s(size, t_full),
+        "MB/s",
+        "zstd_T0_3_pipe_sha256sum",
+        mb_s(size, t_pipe),
+        ">= 1.0",
+    );
+    match restic(&image, b.dir.path()) {
+        Ok(t) => line(
+            "backup_full",
+            mb_s(size, t_full),
+            "MB/s",
+            "restic_backup",
+            mb_s(size, t),
+            ">= 3.0",
+        ),
+        Err(e) => println!("bench: backup_full vs restic skipped ({e})"),
+    }
+
+    // All zeros vs all random.
+    let zeros = b
+        .volume(|f, size| {
+            let z = vec![0u8; 64 * MIB as usize];
+            let mut off = 0;
+            while off < size {
+                let n = (64 * MIB).min(size - off) as usize;
+                f.write_all_at(&z[..n], off)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                off += n as u64;
+            }
+        })
+        .await;
+    let rand = b
+        .volume(|f, size| {
+            let mut off = 0;
+            while off < size {
+                let n = (64 * MIB).min(size - off) as usize;
+                f.write_all_at(&random(n), off)
+                    .unwrap_or_else(|e| panic!("{e}"));
+                off += n as u64;
+            }
+        })
+        .await;
+    let (t_zero, stored_zero) = b.backup(&zeros, "zeros", false).await;
+    let (t_rand, _) = b.backup(&rand, "random", false).await;
+    line(
+        "backup_all_zero",
+        mb_s(size, t_zero),
+        "MB/s",
+        "backup_all_random",
+        mb_s(size, t_rand),
+        ">= 3.0",
+    );
+    if stored_zero > size / 500 {
+        return Err(format!("the all-zero volume stored {stored_zero} bytes"));
+    }
+
+    // Incremental after 1% changed (in 1 MiB runs, spread over the volume) vs full.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .map_err(|e| e.to_string())?;
+    let runs = (size / 100 / MIB).max(1);
+    for i in 0..runs {
+        let off = (i * 2 + 1) * (size / (runs * 2)) / MIB * MIB;
+        f.write_all_at(&random(MIB as usize), off)
+            .map_err(|e| e.to_string())?;
+    }
+    f.sync_all().map_err(|e| e.to_string())?;
+    drop(f);
+    let (t_inc, stored_inc) = b.backup(&mixed, "inc", true).await;
+    line(
+        "backup_incremental_1pct_time",
+        t_inc.as_secs_f64(),
+        "s",
+        "backup_full_time",
+        t_full.as_secs_f64(),
+        "<= 0.6",
+    );
+    line(
+        "backup_incremental_1pct_stored",
+        stored_inc as f64 / MIB as f64,
+        "MiB",
+        "backup_full_stored",
+        stored_full as f64 / MIB as f64,
+        "<= 0.05",
+    );
+
+    // Restore vs zstd -d | dd.
+    let target = b.volume(|_, _| {}).await;
+    let t_restore = b.restore("full", &target).await;
+    let compressed = b.dir.path().join("volume.zst");
+    let status = Command::new("zstd")
+        .args(["-q", "-T0", "-3", "-f", &img, "-o"])
+        .arg(&compressed)
+        .status()
+        .map_err(|e| format!("zstd: {e}"))?;
+    if !status.success() {
+        return Err("zstd -3 failed".into());
+    }
+    let out = b.dir.path().join("dd.out");
+    let t_dd = pipe(
+        &["zstd", "-d", "-c", &compressed.display().to_string()],
+        &[
+            "dd",
+            &format!("of={}", out.display()),
+            "bs=4M",
+            "conv=fsync",
+            "status=none",
+        ],
+    )?;
+    line(
+        "restore_full",
+        mb_s(size, t_restore),
+        "MB/s",
+        "zstd_d_pipe_dd",
+        mb_s(size, t_dd),
+        ">= 1.0",
+    );
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("bench: cannot start tokio: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("bench: backup failed: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

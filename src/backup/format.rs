@@ -1,0 +1,659 @@
+//! What a backup is inside a repository (format version 1; `docs/backup-format.md` says the
+//! same for people).
+//!
+//! A backup `B` is a container `B/` holding:
+//!
+//! - `chunk-NNNNNNNN`: the volume's chunk number N (offset N × `chunk_size`), compressed;
+//!   only chunks with data that changed since the parent are stored.
+//! - `sha256file`: the SHA-256 of every 32 KiB block of the volume, raw 32-byte digests one
+//!   after the other, compressed like the chunks. An incremental backup compares against it.
+//! - `metadata`: JSON describing the volume and every chunk (its digest, where it is
+//!   stored). Written last and atomically: a container without it is an unfinished backup.
+
+use std::collections::BTreeMap;
+use std::sync::OnceLock;
+
+use base64::Engine as _;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use super::{BackupError, BLOCK_SIZE};
+use crate::agent::BackupId;
+
+/// The `format` field of every metadata object.
+pub const FORMAT_NAME: &str = "cinderblock-backup";
+/// The version this code writes; it reads every version up to this one.
+pub const FORMAT_VERSION: u32 = 1;
+/// The `format` field of an exported backup record.
+pub const RECORD_FORMAT: &str = "cinderblock-backup-record";
+/// Name of the metadata object in a container.
+pub const METADATA: &str = "metadata";
+/// Name of the block-digest object in a container.
+pub const SHA256FILE: &str = "sha256file";
+/// The status a complete backup's metadata carries.
+pub const STATUS_AVAILABLE: &str = "available";
+
+/// A SHA-256 digest.
+pub type Digest = [u8; 32];
+
+/// SHA-256 of `data`.
+pub fn sha256(data: &[u8]) -> Digest {
+    Sha256::digest(data).into()
+}
+
+/// The digest of a full block of zeros (what every block of a hole contributes to the
+/// `sha256file`), computed once.
+pub fn zero_block_digest() -> Digest {
+    static ZERO: OnceLock<Digest> = OnceLock::new();
+    *ZERO.get_or_init(|| sha256(&[0u8; BLOCK_SIZE as usize]))
+}
+
+/// The digest of a zero block of `len` bytes (`len` < 32 KiB only for a volume's last block).
+pub fn zero_digest(len: u64) -> Digest {
+    if len == BLOCK_SIZE {
+        zero_block_digest()
+    } else {
+        sha256(&vec![0u8; len as usize])
+    }
+}
+
+/// Number of 32 KiB blocks covering `bytes`.
+pub fn blocks_in(bytes: u64) -> u64 {
+    bytes.div_ceil(BLOCK_SIZE)
+}
+
+/// Key of an object of a container, relative to the repository's root.
+pub fn key(backup: &BackupId, object: &str) -> String {
+    format!("{backup}/{object}")
+}
+
+/// Name of chunk number `index` in its container.
+pub fn chunk_object(index: u64) -> String {
+    format!("chunk-{index:08}")
+}
+
+/// How an object's bytes are encoded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// Stored as is.
+    None,
+    /// A zstd frame.
+    Zstd,
+}
+
+impl Compression {
+    /// Encodes `data`; zstd at `level`.
+    pub fn encode(self, data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+        match self {
+            Compression::None => Ok(data.to_vec()),
+            Compression::Zstd => zstd::bulk::compress(data, level),
+        }
+    }
+
+    /// Decodes an object that must hold exactly `len` bytes once decoded.
+    pub fn decode(self, stored: Vec<u8>, len: u64) -> Result<Vec<u8>, String> {
+        let data = match self {
+            Compression::None => stored,
+            Compression::Zstd => zstd::bulk::decompress(&stored, len as usize)
+                .map_err(|e| format!("cannot decompress: {e}"))?,
+        };
+        if data.len() as u64 != len {
+            return Err(format!("holds {} bytes, expected {len}", data.len()));
+        }
+        Ok(data)
+    }
+
+    /// The name used in configuration and metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Zstd => "zstd",
+        }
+    }
+}
+
+/// One chunk of the volume: a hole (all zeros, nothing stored) or data in an object.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
+pub enum ChunkEntry {
+    /// `length` zero bytes at `offset`.
+    Hole {
+        /// Offset in the volume.
+        offset: u64,
+        /// Length.
+        length: u64,
+    },
+    /// `length` bytes at `offset`, stored in `backup`'s container as `object`.
+    Data {
+        /// Offset in the volume.
+        offset: u64,
+        /// Length (uncompressed).
+        length: u64,
+        /// SHA-256 of the uncompressed bytes, hex.
+        sha256: String,
+        /// How the object is encoded.
+        compression: Compression,
+        /// Size of the stored object.
+        stored_length: u64,
+        /// The backup whose container holds the object: this one, or an ancestor for a
+        /// chunk an incremental backup found unchanged.
+        backup: String,
+        /// Object name in that container.
+        object: String,
+    },
+}
+
+impl ChunkEntry {
+    /// Offset in the volume.
+    pub fn offset(&self) -> u64 {
+        match self {
+            ChunkEntry::Hole { offset, .. } | ChunkEntry::Data { offset, .. } => *offset,
+        }
+    }
+
+    /// Length in the volume.
+    pub fn length(&self) -> u64 {
+        match self {
+            ChunkEntry::Hole { length, .. } | ChunkEntry::Data { length, .. } => *length,
+        }
+    }
+
+    /// The object's key relative to the repository root (`None` for a hole).
+    pub fn object_key(&self) -> Option<String> {
+        match self {
+            ChunkEntry::Hole { .. } => None,
+            ChunkEntry::Data { backup, object, .. } => Some(format!("{backup}/{object}")),
+        }
+    }
+}
+
+/// Where the block digests are and how to check them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Sha256FileInfo {
+    /// Object name in the container.
+    pub object: String,
+    /// How it is encoded.
+    pub compression: Compression,
+    /// Number of digests (blocks).
+    pub blocks: u64,
+    /// SHA-256 of the raw digests (decoded), hex.
+    pub sha256: String,
+}
+
+/// What a backup stored and reused.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupStats {
+    /// Bytes of the volume in data chunks.
+    pub data_bytes: u64,
+    /// Bytes of the volume in holes.
+    pub hole_bytes: u64,
+    /// Chunks stored by this backup.
+    pub stored_chunks: u64,
+    /// Bytes of the objects this backup stored (compressed chunks and sha256file).
+    pub stored_bytes: u64,
+    /// Unchanged chunks taken from the parent's chain.
+    pub reused_chunks: u64,
+}
+
+/// The `metadata` object of a backup.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    /// Always [`FORMAT_NAME`].
+    pub format: String,
+    /// Format version.
+    pub version: u32,
+    /// The backup's id (= its container's name).
+    pub backup_id: String,
+    /// [`STATUS_AVAILABLE`]: the metadata is written only when the backup is complete.
+    pub status: String,
+    /// The source volume's id.
+    pub volume_id: String,
+    /// The source volume's size (what a restore target needs at least).
+    pub volume_size: u64,
+    /// The source volume's type.
+    pub volume_type: String,
+    /// The source volume's caller-owned metadata.
+    #[serde(default)]
+    pub volume_metadata: BTreeMap<String, String>,
+    /// When the backup started (Unix seconds).
+    pub created_at: u64,
+    /// When it completed (Unix seconds).
+    pub completed_at: u64,
+    /// The backup an incremental one builds on.
+    #[serde(default)]
+    pub parent_id: Option<String>,
+    /// Chunk size (every chunk but the last has this length).
+    pub chunk_size: u64,
+    /// Block size of the sha256file (32 KiB).
+    pub block_size: u64,
+    /// Compression of new objects.
+    pub compression: Compression,
+    /// The block digests.
+    pub sha256file: Sha256FileInfo,
+    /// What was stored and reused.
+    pub stats: BackupStats,
+    /// Every chunk of the volume, in offset order, covering it exactly.
+    pub chunks: Vec<ChunkEntry>,
+}
+
+fn format_err(object: &str, reason: impl Into<String>) -> BackupError {
+    BackupError::Format {
+        object: object.to_owned(),
+        reason: reason.into(),
+    }
+}
+
+fn is_hex_digest(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+fn is_object_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+}
+
+impl Metadata {
+    /// The backup's id.
+    pub fn id(&self) -> Result<BackupId, BackupError> {
+        BackupId::parse(&self.backup_id)
+            .map_err(|e| format_err(&self.backup_id, format!("backup_id: {e}")))
+    }
+
+    /// The parent's id, for an incremental backup.
+    pub fn parent(&self) -> Result<Option<BackupId>, BackupError> {
+        self.parent_id
+            .as_deref()
+            .map(|p| {
+                BackupId::parse(p)
+                    .map_err(|e| format_err(&self.backup_id, format!("parent_id: {e}")))
+            })
+            .transpose()
+    }
+
+    /// Serialises to the stored JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising plain structs, maps with string keys and integers cannot fail.
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+
+    /// Parses and checks a stored metadata object (`object` names it in errors).
+    pub fn parse(bytes: &[u8], object: &str) -> Result<Metadata, BackupError> {
+        // Read the version first, so a newer format is reported as such rather than as an
+        // unknown field.
+        #[derive(Deserialize)]
+        struct Head {
+            format: String,
+            version: u32,
+        }
+        let head: Head =
+            serde_json::from_slice(bytes).map_err(|e| format_err(object, e.to_string()))?;
+        if head.format != FORMAT_NAME {
+            return Err(format_err(
+                object,
+                format!("format is {:?}, not {FORMAT_NAME:?}", head.format),
+            ));
+        }
+        if head.version == 0 || head.version > FORMAT_VERSION {
+            return Err(format_err(
+                object,
+                format!(
+                    "format version {} is not supported (this agent reads 1..={FORMAT_VERSION})",
+                    head.version
+                ),
+            ));
+        }
+        let m: Metadata =
+            serde_json::from_slice(bytes).map_err(|e| format_err(object, e.to_string()))?;
+        m.check(object)?;
+        Ok(m)
+    }
+
+    /// Checks the invariants: ids, sizes, a chunk table that covers the volume exactly with
+    /// well-formed entries.
+    pub fn check(&self, object: &str) -> Result<(), BackupError> {
+        let id = self.id()?;
+        let parent = self.parent()?;
+        if self.status != STATUS_AVAILABLE {
+            return Err(format_err(object, format!("status is {:?}", self.status)));
+        }
+        if self.block_size != BLOCK_SIZE {
+            return Err(format_err(
+                object,
+                format!("block_size {} is not {BLOCK_SIZE}", self.block_size),
+            ));
+        }
+        if self.chunk_size == 0 || self.chunk_size % BLOCK_SIZE != 0 {
+            return Err(format_err(
+                object,
+                format!(
+                    "chunk_size {} is not a multiple of {BLOCK_SIZE}",
+                    self.chunk_size
+                ),
+            ));
+        }
+        if self.sha256file.blocks != blocks_in(self.volume_size)
+            || !is_hex_digest(&self.sha256file.sha256)
+            || !is_object_name(&self.sha256file.object)
+        {
+            return Err(format_err(
+                object,
+                "sha256file entry does not fit the volume",
+            ));
+        }
+        let mut pos = 0u64;
+        for (i, c) in self.chunks.iter().enumerate() {
+            let bad = |why: &str| format_err(object, format!("chunk {i}: {why}"));
+            if c.offset() != pos {
+                return Err(bad(&format!(
+                    "offset {} where {pos} was expected",
+                    c.offset()
+                )));
+            }
+            if c.length() == 0 || c.length() > self.chunk_size {
+                return Err(bad(&format!("length {}", c.length())));
+            }
+            if let ChunkEntry::Data {
+                sha256,
+                backup,
+                object: name,
+                ..
+            } = c
+            {
+                if !is_hex_digest(sha256) || !is_object_name(name) {
+                    return Err(bad("malformed digest or object name"));
+                }
+                let owner = BackupId::parse(backup).map_err(|e| bad(&e.to_string()))?;
+                if owner != id && parent.is_none() {
+                    return Err(bad("a full backup refers to another backup's object"));
+                }
+            }
+            pos += c.length();
+        }
+        if pos != self.volume_size {
+            return Err(format_err(
+                object,
+                format!(
+                    "chunks cover {pos} bytes of a {}-byte volume",
+                    self.volume_size
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ids of other backups whose objects this one uses.
+    pub fn referenced_backups(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .chunks
+            .iter()
+            .filter_map(|c| match c {
+                ChunkEntry::Data { backup, .. } if *backup != self.backup_id => {
+                    Some(backup.clone())
+                }
+                _ => None,
+            })
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
+/// Encodes block digests as stored in a `sha256file` (before compression).
+pub fn encode_digests(digests: &[Digest]) -> Vec<u8> {
+    digests.concat()
+}
+
+/// Decodes a `sha256file` (after decompression), checking it against its metadata entry.
+pub fn decode_digests(
+    raw: &[u8],
+    info: &Sha256FileInfo,
+    object: &str,
+) -> Result<Vec<Digest>, BackupError> {
+    if hex::encode(sha256(raw)) != info.sha256 {
+        return Err(BackupError::Corrupt {
+            object: object.to_owned(),
+            reason: "its SHA-256 differs from the one in the metadata".into(),
+        });
+    }
+    if raw.len() as u64 != info.blocks * 32 {
+        return Err(BackupError::Corrupt {
+            object: object.to_owned(),
+            reason: format!("{} bytes for {} digests", raw.len(), info.blocks),
+        });
+    }
+    Ok(raw
+        .chunks_exact(32)
+        .map(|c| {
+            let mut d = [0u8; 32];
+            d.copy_from_slice(c);
+            d
+        })
+        .collect())
+}
+
+/// An exported backup record (Cinder's `backup-export`): the metadata and the repository
+/// that held it, as base64 of JSON so it can be pasted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRecord {
+    /// Always [`RECORD_FORMAT`].
+    pub format: String,
+    /// Record version (1).
+    pub version: u32,
+    /// The repository the backup was exported from.
+    pub repository: String,
+    /// The backup's metadata.
+    pub metadata: Metadata,
+}
+
+impl BackupRecord {
+    /// The record's text form.
+    pub fn encode(&self) -> String {
+        base64::engine::general_purpose::STANDARD
+            .encode(serde_json::to_vec(self).unwrap_or_default())
+    }
+
+    /// Parses a record's text form (surrounding whitespace ignored) and checks its metadata.
+    pub fn decode(text: &str) -> Result<BackupRecord, BackupError> {
+        let raw = base64::engine::general_purpose::STANDARD
+            .decode(text.trim())
+            .map_err(|e| BackupError::Record(format!("not base64: {e}")))?;
+        let r: BackupRecord = serde_json::from_slice(&raw)
+            .map_err(|e| BackupError::Record(format!("not a backup record: {e}")))?;
+        if r.format != RECORD_FORMAT || r.version != 1 {
+            return Err(BackupError::Record(format!(
+                "format {:?} version {} is not {RECORD_FORMAT:?} version 1",
+                r.format, r.version
+            )));
+        }
+        r.metadata.check("record")?;
+        Ok(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Metadata {
+        let cs = 4 * BLOCK_SIZE;
+        Metadata {
+            format: FORMAT_NAME.into(),
+            version: FORMAT_VERSION,
+            backup_id: "b2".into(),
+            status: STATUS_AVAILABLE.into(),
+            volume_id: "v1".into(),
+            volume_size: 2 * cs + BLOCK_SIZE,
+            volume_type: "default".into(),
+            volume_metadata: BTreeMap::from([("app".into(), "db".into())]),
+            created_at: 1_700_000_000,
+            completed_at: 1_700_000_060,
+            parent_id: Some("b1".into()),
+            chunk_size: cs,
+            block_size: BLOCK_SIZE,
+            compression: Compression::Zstd,
+            sha256file: Sha256FileInfo {
+                object: SHA256FILE.into(),
+                compression: Compression::Zstd,
+                blocks: 9,
+                sha256: "ab".repeat(32),
+            },
+            stats: BackupStats::default(),
+            chunks: vec![
+                ChunkEntry::Data {
+                    offset: 0,
+                    length: cs,
+                    sha256: "cd".repeat(32),
+                    compression: Compression::Zstd,
+                    stored_length: 100,
+                    backup: "b1".into(),
+                    object: chunk_object(0),
+                },
+                ChunkEntry::Hole {
+                    offset: cs,
+                    length: cs,
+                },
+                ChunkEntry::Data {
+                    offset: 2 * cs,
+                    length: BLOCK_SIZE,
+                    sha256: "ef".repeat(32),
+                    compression: Compression::None,
+                    stored_length: BLOCK_SIZE,
+                    backup: "b2".into(),
+                    object: chunk_object(2),
+                },
+            ],
+        }
+    }
+
+    #[test]
+    fn metadata_round_trips_and_reads_back_the_same() {
+        let m = sample();
+        let json = m.to_json();
+        let text = String::from_utf8(json.clone()).unwrap();
+        assert!(text.contains("\"kind\": \"hole\""), "{text}");
+        assert!(text.contains("\"object\": \"chunk-00000002\""), "{text}");
+        assert_eq!(Metadata::parse(&json, "b2/metadata").unwrap(), m);
+        assert_eq!(m.referenced_backups(), vec!["b1".to_string()]);
+        assert_eq!(
+            m.chunks[0].object_key().as_deref(),
+            Some("b1/chunk-00000000")
+        );
+        assert_eq!(m.chunks[1].object_key(), None);
+    }
+
+    #[test]
+    fn chunk_table_must_cover_the_volume() {
+        type Breaker = Box<dyn Fn(&mut Metadata)>;
+        let cases: Vec<(&str, Breaker)> = vec![
+            ("gap", Box::new(|m| drop(m.chunks.remove(1)))),
+            ("short", Box::new(|m| m.volume_size += 1)),
+            ("too long", Box::new(|m| m.chunk_size = BLOCK_SIZE)),
+            ("odd chunk size", Box::new(|m| m.chunk_size = 1000)),
+            (
+                "bad digest",
+                Box::new(|m| {
+                    if let ChunkEntry::Data { sha256, .. } = &mut m.chunks[0] {
+                        *sha256 = "xyz".into();
+                    }
+                }),
+            ),
+            (
+                "path in object",
+                Box::new(|m| {
+                    if let ChunkEntry::Data { object, .. } = &mut m.chunks[2] {
+                        *object = "../../etc/passwd".into();
+                    }
+                }),
+            ),
+            (
+                "full backup using another's object",
+                Box::new(|m| m.parent_id = None),
+            ),
+            ("not complete", Box::new(|m| m.status = "creating".into())),
+        ];
+        for (name, break_it) in cases {
+            let mut m = sample();
+            break_it(&mut m);
+            let err = Metadata::parse(&m.to_json(), "b2/metadata").unwrap_err();
+            assert!(matches!(err, BackupError::Format { .. }), "{name}: {err:?}");
+        }
+    }
+
+    #[test]
+    fn newer_format_versions_are_refused_by_name() {
+        let mut m = sample();
+        m.version = 2;
+        let err = Metadata::parse(&m.to_json(), "b2/metadata").unwrap_err();
+        assert!(
+            err.to_string().contains("version 2 is not supported"),
+            "{err}"
+        );
+        let err = Metadata::parse(b"{\"format\":\"x\",\"version\":1}", "o").unwrap_err();
+        assert!(
+            err.to_string().contains("not \"cinderblock-backup\""),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn digests_round_trip_and_are_checked() {
+        let digests = vec![sha256(b"a"), zero_block_digest(), sha256(b"c")];
+        let raw = encode_digests(&digests);
+        let info = Sha256FileInfo {
+            object: SHA256FILE.into(),
+            compression: Compression::None,
+            blocks: 3,
+            sha256: hex::encode(sha256(&raw)),
+        };
+        assert_eq!(
+            decode_digests(&raw, &info, "b/sha256file").unwrap(),
+            digests
+        );
+        let mut bad = raw.clone();
+        bad[5] ^= 1;
+        assert!(matches!(
+            decode_digests(&bad, &info, "b/sha256file"),
+            Err(BackupError::Corrupt { .. })
+        ));
+        assert_eq!(zero_digest(BLOCK_SIZE), sha256(&[0u8; 32768]));
+        assert_eq!(zero_digest(512), sha256(&[0u8; 512]));
+    }
+
+    #[test]
+    fn compression_round_trips_and_checks_length() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i % 7) as u8).collect();
+        for c in [Compression::None, Compression::Zstd] {
+            let stored = c.encode(&data, 3).unwrap();
+            assert_eq!(c.decode(stored.clone(), data.len() as u64).unwrap(), data);
+            assert!(c.decode(stored, data.len() as u64 + 1).is_err());
+        }
+        assert!(Compression::Zstd.encode(&data, 3).unwrap().len() < data.len() / 10);
+        assert!(Compression::Zstd.decode(vec![1, 2, 3], 10).is_err());
+    }
+
+    #[test]
+    fn records_round_trip_and_reject_garbage() {
+        let r = BackupRecord {
+            format: RECORD_FORMAT.into(),
+            version: 1,
+            repository: "local".into(),
+            metadata: sample(),
+        };
+        let text = r.encode();
+        assert_eq!(BackupRecord::decode(&format!("  {text}\n")).unwrap(), r);
+        for bad in ["%%%", "aGVsbG8=", ""] {
+            assert!(
+                matches!(BackupRecord::decode(bad), Err(BackupError::Record(_))),
+                "{bad}"
+            );
+        }
+    }
+}
