@@ -51,6 +51,8 @@ pub enum Command {
     AgentCtl(crate::ops::agent::AgentCtlArgs),
     /// Measure CreateVolume through a CSI controller (latency, burst wall time, duplicates).
     BenchCsi(crate::ops::bench::BenchCsiArgs),
+    /// Measure NodeStageVolume + NodePublishVolume on this node (what a pod waits for).
+    BenchAttach(crate::ops::bench_attach::BenchAttachArgs),
     /// Volumes as the controller sees them (Cinder's `cinder list` / `cinder show`).
     Volume(crate::ops::operator::VolumeArgs),
     /// Snapshots (Cinder's `cinder snapshot-list`).

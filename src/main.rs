@@ -104,6 +104,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             ops::bench::print_report(&report, output);
             ops::bench::failures(&report, "CreateVolume")?;
         }
+        Command::BenchAttach(args) => {
+            let output = args.output;
+            let report = runtime()?.block_on(ops::bench_attach::bench_attach(args))?;
+            ops::bench_attach::print_report(&report, output);
+        }
         Command::Volume(args) => runtime()?.block_on(ops::operator::volume(args))?,
         Command::Snapshot(args) => runtime()?.block_on(ops::operator::snapshot(args))?,
         Command::Pool(args) => runtime()?.block_on(ops::operator::pool(args))?,

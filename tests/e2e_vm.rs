@@ -482,22 +482,66 @@ extra_specs = { media = "ssd", host = "comp" }
         NodeClient::new(ch)
     }
 
-    /// One attach cycle: create on stor, publish to comp, stage, publish, write a file (or
-    /// bytes), unpublish, unstage, unpublish from the controller; the bytes are then checked
-    /// on the storage side and no session is left on comp.
-    async fn attach_cycle(
+    /// A volume of the storage VM attached to the compute VM.
+    struct Attached {
+        id: String,
+        fs: Option<&'static str>,
+        context: HashMap<String, String>,
+        stage: String,
+        target: String,
+    }
+
+    impl Attached {
+        fn stage_req(&self) -> pb::NodeStageVolumeRequest {
+            pb::NodeStageVolumeRequest {
+                volume_id: self.id.clone(),
+                publish_context: self.context.clone(),
+                staging_target_path: self.stage.clone(),
+                volume_capability: Some(cap(self.fs)),
+                ..Default::default()
+            }
+        }
+
+        fn publish_req(&self) -> pb::NodePublishVolumeRequest {
+            pb::NodePublishVolumeRequest {
+                volume_id: self.id.clone(),
+                publish_context: self.context.clone(),
+                staging_target_path: self.stage.clone(),
+                target_path: self.target.clone(),
+                volume_capability: Some(cap(self.fs)),
+                readonly: false,
+                ..Default::default()
+            }
+        }
+
+        fn stats_req(&self) -> pb::NodeGetVolumeStatsRequest {
+            pb::NodeGetVolumeStatsRequest {
+                volume_id: self.id.clone(),
+                volume_path: self.target.clone(),
+                staging_target_path: self.stage.clone(),
+            }
+        }
+
+        /// The volume's target IQN.
+        fn iqn(&self) -> &str {
+            &self.context["targetIqn"]
+        }
+    }
+
+    /// Creates a thin volume on stor, publishes it to comp and stages it there (twice: the
+    /// second call must be a no-op); with `publish`, also bind-mounts it into a pod path.
+    async fn attach(
         c: &mut Client,
-        ctl: &Controller,
         node_id: &str,
         name: &str,
-        fs: Option<&str>,
+        fs: Option<&'static str>,
         mib: i64,
-    ) {
+        publish: bool,
+    ) -> Attached {
         let mut r = req(name, "thin-stor", "z-shared", mib * MIB);
         r.volume_capabilities = vec![cap(fs)];
-        let v = create(c, r).await;
-        let id = v.volume_id.clone();
-        let published = c
+        let id = create(c, r).await.volume_id;
+        let context = c
             .controller_publish_volume(pb::ControllerPublishVolumeRequest {
                 volume_id: id.clone(),
                 node_id: node_id.into(),
@@ -505,54 +549,113 @@ extra_specs = { media = "ssd", host = "comp" }
                 ..Default::default()
             })
             .await
-            .unwrap_or_else(|e| panic!("publish: {e:?}\n{}", ctl.log_text()))
-            .into_inner();
-        let stage = format!("/var/lib/cb-e2e/stage/{id}");
-        let target = format!("/var/lib/cb-e2e/pods/{id}/volume");
+            .unwrap_or_else(|e| panic!("publish {name}: {e:?}"))
+            .into_inner()
+            .publish_context;
+        let a = Attached {
+            stage: format!("/var/lib/cb-e2e/stage/{id}"),
+            target: format!("/var/lib/cb-e2e/pods/{id}/volume"),
+            id,
+            fs,
+            context,
+        };
         sh(
             "comp",
-            &format!("mkdir -p {stage} /var/lib/cb-e2e/pods/{id}"),
+            &format!("mkdir -p {} /var/lib/cb-e2e/pods/{}", a.stage, a.id),
         );
         let mut n = node_client().await;
-        let stage_req = pb::NodeStageVolumeRequest {
-            volume_id: id.clone(),
-            publish_context: published.publish_context.clone(),
-            staging_target_path: stage.clone(),
-            volume_capability: Some(cap(fs)),
-            ..Default::default()
-        };
-        n.node_stage_volume(stage_req.clone())
+        n.node_stage_volume(a.stage_req())
             .await
-            .unwrap_or_else(|e| panic!("stage {fs:?}: {e:?}"));
+            .unwrap_or_else(|e| panic!("stage {name} {fs:?}: {e:?}"));
         // Staging again is fine (kubelet retries).
-        n.node_stage_volume(stage_req).await.unwrap();
-        n.node_publish_volume(pb::NodePublishVolumeRequest {
-            volume_id: id.clone(),
-            publish_context: published.publish_context.clone(),
-            staging_target_path: stage.clone(),
-            target_path: target.clone(),
-            volume_capability: Some(cap(fs)),
-            readonly: false,
+        n.node_stage_volume(a.stage_req()).await.unwrap();
+        if publish {
+            n.node_publish_volume(a.publish_req())
+                .await
+                .unwrap_or_else(|e| panic!("node publish {name} {fs:?}: {e:?}"));
+        }
+        a
+    }
+
+    /// Unpublishes and unstages `a` on comp (each twice: already gone is fine) and
+    /// unpublishes it from comp on the controller.
+    async fn detach(c: &mut Client, node_id: &str, a: &Attached) {
+        let mut n = node_client().await;
+        let unpublish = pb::NodeUnpublishVolumeRequest {
+            volume_id: a.id.clone(),
+            target_path: a.target.clone(),
+        };
+        n.node_unpublish_volume(unpublish.clone()).await.unwrap();
+        n.node_unpublish_volume(unpublish).await.unwrap();
+        let unstage = pb::NodeUnstageVolumeRequest {
+            volume_id: a.id.clone(),
+            staging_target_path: a.stage.clone(),
+        };
+        n.node_unstage_volume(unstage.clone()).await.unwrap();
+        n.node_unstage_volume(unstage).await.unwrap();
+        c.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: a.id.clone(),
+            node_id: node_id.into(),
             ..Default::default()
         })
         .await
-        .unwrap_or_else(|e| panic!("publish {fs:?}: {e:?}"));
-        let sha = match fs {
-            Some(_) => sh(
-                "comp",
-                &format!("head -c 4194304 /dev/urandom >{target}/file && sync && sha256sum <{target}/file | cut -c1-64"),
+        .unwrap();
+    }
+
+    async fn delete(c: &mut Client, id: String) {
+        c.delete_volume(pb::DeleteVolumeRequest {
+            volume_id: id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+
+    /// The targets comp has sessions to.
+    fn comp_sessions() -> String {
+        sh("comp", "iscsiadm -m session 2>/dev/null || true")
+    }
+
+    /// sha256 of `path` on comp read from the disk (page cache dropped first).
+    fn comp_sha(path: &str) -> String {
+        sh(
+            "comp",
+            &format!("sync; echo 3 >/proc/sys/vm/drop_caches; sha256sum <{path} | cut -c1-64"),
+        )
+    }
+
+    /// Writes 4 MiB of random bytes to `path` on comp; returns their sha256.
+    fn comp_write(path: &str) -> String {
+        sh(
+            "comp",
+            &format!(
+                "head -c 4194304 /dev/urandom >{path} && sync && sha256sum <{path} | cut -c1-64"
             ),
+        )
+    }
+
+    /// One attach cycle: create on stor, publish to comp, stage, publish, write a file (or
+    /// bytes), stats, unpublish, unstage, unpublish from the controller; the bytes are then
+    /// checked on the storage side and no session is left on comp.
+    async fn attach_cycle(
+        c: &mut Client,
+        node_id: &str,
+        name: &str,
+        fs: Option<&'static str>,
+        mib: i64,
+    ) {
+        let a = attach(c, node_id, name, fs, mib, true).await;
+        let (id, target) = (a.id.clone(), a.target.clone());
+        let sha = match fs {
+            Some(_) => comp_write(&format!("{target}/file")),
             None => sh(
                 "comp",
                 &format!("head -c 4194304 /dev/urandom >/tmp/{id}.pat && dd if=/tmp/{id}.pat of={target} bs=1M oflag=direct conv=fsync status=none && sha256sum </tmp/{id}.pat | cut -c1-64"),
             ),
         };
+        let mut n = node_client().await;
         let stats = n
-            .node_get_volume_stats(pb::NodeGetVolumeStatsRequest {
-                volume_id: id.clone(),
-                volume_path: target.clone(),
-                staging_target_path: stage.clone(),
-            })
+            .node_get_volume_stats(a.stats_req())
             .await
             .unwrap()
             .into_inner();
@@ -562,61 +665,67 @@ extra_specs = { media = "ssd", host = "comp" }
             .find(|u| u.unit == pb::volume_usage::Unit::Bytes as i32)
             .unwrap();
         if fs.is_some() {
-            let df = sh(
-                "comp",
-                &format!("df -B1 --output=size,used {target} | tail -1"),
-            );
-            let df: Vec<i64> = df.split_whitespace().map(|x| x.parse().unwrap()).collect();
-            assert_eq!((bytes.total, bytes.used), (df[0], df[1]), "stats vs df");
+            assert_eq!((bytes.total, bytes.used), df(&target), "stats vs df");
         } else {
             assert_eq!(bytes.total, mib * MIB);
         }
         assert_eq!(stats.volume_condition.map(|c| c.abnormal), Some(false));
-        n.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            target_path: target.clone(),
-        })
-        .await
-        .unwrap();
-        let unstage = pb::NodeUnstageVolumeRequest {
-            volume_id: id.clone(),
-            staging_target_path: stage.clone(),
-        };
-        n.node_unstage_volume(unstage.clone()).await.unwrap();
-        // Again: already gone is fine.
-        n.node_unstage_volume(unstage).await.unwrap();
-        c.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
-            volume_id: id.clone(),
-            node_id: node_id.into(),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let left = sh(
-            "comp",
-            "iscsiadm -m session 2>/dev/null | grep -c cinderblock || true",
+        let lv = format!("/dev/cinder-volumes/volume-{id}");
+        detach(c, node_id, &a).await;
+        assert!(
+            !comp_sessions().contains(&id),
+            "sessions left on comp after unstage:\n{}",
+            comp_sessions()
         );
-        assert_eq!(left, "0", "sessions left on comp after unstage");
         let on_storage = match fs {
             Some(fs) => sh(
                 "stor",
-                &format!("mkdir -p /mnt/v && mount -t {fs} -o ro /dev/cinder-volumes/volume-{id} /mnt/v && sha256sum </mnt/v/file | cut -c1-64; umount /mnt/v"),
+                &format!("mkdir -p /mnt/v && mount -t {fs} -o ro {lv} /mnt/v && sha256sum </mnt/v/file | cut -c1-64; umount /mnt/v"),
             ),
             None => sh(
                 "stor",
-                &format!("dd if=/dev/cinder-volumes/volume-{id} bs=1M count=4 iflag=direct status=none | sha256sum | cut -c1-64"),
+                &format!("dd if={lv} bs=1M count=4 iflag=direct status=none | sha256sum | cut -c1-64"),
             ),
         };
         assert_eq!(
             on_storage, sha,
             "{fs:?}: the storage side holds what the pod wrote"
         );
-        c.delete_volume(pb::DeleteVolumeRequest {
-            volume_id: id,
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+        delete(c, id).await;
+    }
+
+    /// `df` of `path` on comp: (size, used) in bytes.
+    fn df(path: &str) -> (i64, i64) {
+        let df = sh(
+            "comp",
+            &format!("df -B1 --output=size,used {path} | tail -1"),
+        );
+        let v: Vec<i64> = df.split_whitespace().map(|x| x.parse().unwrap()).collect();
+        (v[0], v[1])
+    }
+
+    /// NodeGetVolumeStats of `a` until its condition is `abnormal` (60 s at most).
+    async fn wait_condition(a: &Attached, abnormal: bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let s = node_client()
+                .await
+                .node_get_volume_stats(a.stats_req())
+                .await
+                .unwrap()
+                .into_inner();
+            let cond = s.volume_condition.unwrap();
+            if cond.abnormal == abnormal {
+                return cond.message;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "condition of {} stays {cond:?}\n{}",
+                a.id,
+                comp_sessions()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
     }
 
     #[tokio::test]
@@ -642,8 +751,217 @@ extra_specs = { media = "ssd", host = "comp" }
                 .and_then(|t| t.segments.get(TOPOLOGY_ZONE_KEY).cloned()),
             Some("z-comp".into())
         );
-        attach_cycle(&mut c, &ctl, &info.node_id, "e2e-n-ext4", Some("ext4"), 64).await;
-        attach_cycle(&mut c, &ctl, &info.node_id, "e2e-n-xfs", Some("xfs"), 320).await;
-        attach_cycle(&mut c, &ctl, &info.node_id, "e2e-n-block", None, 64).await;
+        attach_cycle(&mut c, &info.node_id, "e2e-n-ext4", Some("ext4"), 64).await;
+        attach_cycle(&mut c, &info.node_id, "e2e-n-xfs", Some("xfs"), 320).await;
+        attach_cycle(&mut c, &info.node_id, "e2e-n-block", None, 64).await;
+    }
+
+    /// Restarts (SIGKILL, as a crashed pod) `cinderblock all` on comp, or only stops it.
+    fn comp_kill(start_again: bool) {
+        let args = if start_again {
+            "--kill"
+        } else {
+            "--kill --no-start"
+        };
+        sh(
+            "comp",
+            &format!("bash /mnt/host/e2e/restart-cinderblock.sh {args}"),
+        );
+    }
+
+    #[tokio::test]
+    #[ignore = "needs the e2e VMs (make e2e)"]
+    async fn node_hygiene_two_volumes_expand_restart_stale_session_reboot() {
+        let ctl = Controller::start();
+        let mut c = ctl.client().await;
+        wait_both_pools(&mut c, &ctl).await;
+        let node_id = node_client()
+            .await
+            .node_get_info(pb::NodeGetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .node_id;
+
+        // Two volumes through the same portal: unstaging one leaves the other alone.
+        let a = attach(&mut c, &node_id, "e2e-h-a", Some("ext4"), 64, true).await;
+        let b = attach(&mut c, &node_id, "e2e-h-b", Some("ext4"), 64, true).await;
+        assert_eq!(a.context["portals"], b.context["portals"]);
+        comp_write(&format!("{}/file", a.target));
+        let sha_b = comp_write(&format!("{}/file", b.target));
+        detach(&mut c, &node_id, &a).await;
+        let sessions = comp_sessions();
+        assert!(
+            !sessions.contains(a.iqn()),
+            "a's session stays:\n{sessions}"
+        );
+        assert!(
+            sessions.contains(b.iqn()),
+            "b's session is gone:\n{sessions}"
+        );
+        assert_eq!(comp_sha(&format!("{}/file", b.target)), sha_b);
+        let sha_b2 = comp_write(&format!("{}/file2", b.target));
+        delete(&mut c, a.id.clone()).await;
+
+        // Online expand of the mounted thin volume: df shows the new size, data intact.
+        let (before, _) = df(&b.target);
+        let grown = c
+            .controller_expand_volume(pb::ControllerExpandVolumeRequest {
+                volume_id: b.id.clone(),
+                capacity_range: Some(pb::CapacityRange {
+                    required_bytes: 192 * MIB,
+                    limit_bytes: 0,
+                }),
+                volume_capability: Some(cap(b.fs)),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(
+            (grown.capacity_bytes, grown.node_expansion_required),
+            (192 * MIB, true)
+        );
+        let expand = pb::NodeExpandVolumeRequest {
+            volume_id: b.id.clone(),
+            volume_path: b.target.clone(),
+            capacity_range: Some(pb::CapacityRange {
+                required_bytes: 192 * MIB,
+                limit_bytes: 0,
+            }),
+            staging_target_path: b.stage.clone(),
+            volume_capability: Some(cap(b.fs)),
+            ..Default::default()
+        };
+        let mut n = node_client().await;
+        n.node_expand_volume(expand.clone()).await.unwrap();
+        // Again: nothing left to grow is fine.
+        n.node_expand_volume(expand).await.unwrap();
+        let (after, used) = df(&b.target);
+        assert!(after > before + 100 * MIB, "df size {before} -> {after}");
+        let stats = n
+            .node_get_volume_stats(b.stats_req())
+            .await
+            .unwrap()
+            .into_inner();
+        let bytes = stats
+            .usage
+            .iter()
+            .find(|u| u.unit == pb::volume_usage::Unit::Bytes as i32)
+            .unwrap();
+        assert_eq!(
+            (bytes.total, bytes.used),
+            (after, used),
+            "stats vs df after expand"
+        );
+        assert_eq!(comp_sha(&format!("{}/file", b.target)), sha_b);
+
+        // The node service dies and comes back: the mount keeps working throughout.
+        comp_kill(false);
+        assert_eq!(comp_sha(&format!("{}/file2", b.target)), sha_b2);
+        let sha_b3 = comp_write(&format!("{}/file3", b.target));
+        sh("comp", "bash /mnt/host/e2e/restart-cinderblock.sh");
+        assert!(comp_sessions().contains(b.iqn()));
+        assert_eq!(comp_sha(&format!("{}/file3", b.target)), sha_b3);
+        wait_condition(&b, false).await;
+
+        // A stale session: an unstage cut short after the unmount (node service dead), and
+        // the volume deleted on the storage side. The next start logs it out.
+        let s = attach(&mut c, &node_id, "e2e-h-stale", Some("ext4"), 64, false).await;
+        comp_kill(false);
+        sh("comp", &format!("umount {}", s.stage));
+        detach_on_controller_and_delete(&mut c, &node_id, &s).await;
+        sh("comp", "bash /mnt/host/e2e/restart-cinderblock.sh");
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while comp_sessions().contains(s.iqn()) {
+            assert!(
+                Instant::now() < deadline,
+                "stale session stays:\n{}",
+                comp_sessions()
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let records = sh("comp", "iscsiadm -m node 2>/dev/null || true");
+        assert!(!records.contains(s.iqn()), "stale record stays:\n{records}");
+        assert!(
+            comp_sessions().contains(b.iqn()),
+            "b lost its session:\n{}",
+            comp_sessions()
+        );
+
+        // The target disappears on the storage side: the condition turns abnormal; it comes
+        // back and the session recovers by itself.
+        c.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: b.id.clone(),
+            node_id: node_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let why = wait_condition(&b, true).await;
+        assert!(why.contains(b.iqn()) || why.contains("session"), "{why}");
+        c.controller_publish_volume(pb::ControllerPublishVolumeRequest {
+            volume_id: b.id.clone(),
+            node_id: node_id.clone(),
+            volume_capability: Some(cap(b.fs)),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        wait_condition(&b, false).await;
+        assert_eq!(comp_sha(&format!("{}/file3", b.target)), sha_b3);
+
+        // A reboot of comp: mounts and sessions are gone; the boot-time login of automatic
+        // records must not log in to our target (node.startup=manual), and the next start
+        // removes the orphan record; kubelet's NodeStageVolume then brings the volume back.
+        comp_kill(false);
+        sh(
+            "comp",
+            &format!(
+                "umount {t} && umount {s} && iscsiadm -m node -T {iqn} -u >/dev/null && \
+                 iscsiadm -m node -T {iqn} | grep -x 'node.startup = manual' && \
+                 (iscsiadm -m node --loginall=automatic >/dev/null 2>&1 || true)",
+                t = b.target,
+                s = b.stage,
+                iqn = b.iqn()
+            ),
+        );
+        assert!(
+            !comp_sessions().contains(b.iqn()),
+            "logged in at boot:\n{}",
+            comp_sessions()
+        );
+        sh("comp", "bash /mnt/host/e2e/restart-cinderblock.sh");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while sh("comp", "iscsiadm -m node 2>/dev/null || true").contains(b.iqn()) {
+            assert!(
+                Instant::now() < deadline,
+                "orphan record stays after the restart"
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let mut n = node_client().await;
+        n.node_stage_volume(b.stage_req()).await.unwrap();
+        n.node_publish_volume(b.publish_req()).await.unwrap();
+        assert_eq!(comp_sha(&format!("{}/file", b.target)), sha_b);
+        assert_eq!(comp_sha(&format!("{}/file3", b.target)), sha_b3);
+        assert_eq!(df(&b.target).0, after, "the grown size survives");
+        detach(&mut c, &node_id, &b).await;
+        delete(&mut c, b.id.clone()).await;
+        let left = comp_sessions();
+        assert!(!left.contains("cinderblock"), "sessions left:\n{left}");
+    }
+
+    /// The controller side of a detach alone (the node never unstages): unpublish from comp
+    /// and delete, which removes the target with any session still on it.
+    async fn detach_on_controller_and_delete(c: &mut Client, node_id: &str, a: &Attached) {
+        c.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+            volume_id: a.id.clone(),
+            node_id: node_id.into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        delete(c, a.id.clone()).await;
     }
 }

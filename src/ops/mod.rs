@@ -2,6 +2,7 @@
 
 pub mod agent;
 pub mod bench;
+pub mod bench_attach;
 pub mod operator;
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};

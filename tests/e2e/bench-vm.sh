@@ -7,7 +7,9 @@
 #   2. 50 concurrent agent creates (errors counted, wall time) vs 50 sequential raw lvcreate;
 #   3. the same median through the controller's CSI CreateVolume (`cinderblock bench-csi`,
 #      controller and agent in the guest), and 200 concurrent CSI creates of 8 MiB (errors,
-#      duplicates, wall time) vs 200 sequential raw lvcreate.
+#      duplicates, wall time) vs 200 sequential raw lvcreate;
+#   4. attach: NodeStageVolume + NodePublishVolume through the node service (ext4, 64 MiB,
+#      `cinderblock bench-attach`) vs the same steps by hand (guest/attach-bench.sh).
 # Prints `bench: NAME = VALUE UNIT (baseline NAME = VALUE UNIT, ratio R, goal G)` lines.
 # Boots the one-VM guest unless it runs already (then leaves it running).
 set -euo pipefail
@@ -26,7 +28,7 @@ export EXEC_TIMEOUT=${EXEC_TIMEOUT:-3600} # the whole guest part is one exec
 mkdir -p "$CB_SHARE/bin" "$CB_SHARE/e2e"
 cp "$TARGET_DIR/release/cinderblock" "$CB_SHARE/bin/cinderblock.tmp"
 mv "$CB_SHARE/bin/cinderblock.tmp" "$CB_SHARE/bin/cinderblock"
-cp "$CB_E2E/guest/agent-lib.sh" "$CB_SHARE/e2e/agent-lib.sh"
+cp "$CB_E2E/guest/agent-lib.sh" "$CB_E2E/guest/attach-bench.sh" "$CB_SHARE/e2e/"
 
 booted=0
 # (Not `grep -q`: with pipefail, `vm status` dying of SIGPIPE would read as "not running".)
@@ -109,6 +111,7 @@ out=$("$VM" exec "$G" "source /mnt/host/e2e/agent-lib.sh
   lvremove -q -y cinder-volumes >/dev/null
   \$CB bench-csi -o json --endpoint tcp://127.0.0.1:10001 --size 8Mi --count $CSI_BURST --parallel $CSI_BURST --prefix cburst |
     sed -n 's/^  \"\\(wall_ms\\|errors\\|duplicates\\|median_ms\\)\": \\([0-9.]*\\),\$/cburst_\\1 \\2/p'
+  bash /mnt/host/e2e/attach-bench.sh tcp://127.0.0.1:10001 $ROUNDS $PER_ROUND
   kill \$cpid; wait \$cpid 2>/dev/null || true
   agent_stop")
 echo "$out" | sed 's/^/  vm| /' >&2
@@ -116,12 +119,15 @@ echo "$out" | sed 's/^/  vm| /' >&2
 python3 - "$out" "$ROUNDS" "$PER_ROUND" "$BURST" "$CSI_BURST" <<'EOF'
 import statistics, sys
 out, rounds, per, burst, cburst = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
-medians = {"agent_round": [], "csi_round": []}
-errs = {"agent_round": 0, "csi_round": 0}
+medians = {"agent_round": [], "csi_round": [], "attach_round": []}
+errs = {"agent_round": 0, "csi_round": 0, "attach_round": 0}
 v = {}
+raw_attach = []
 for line in out.splitlines():
     w = line.split()
-    if w[:1] and w[0] in medians:
+    if w[:1] == ["raw_attach_ms"]:
+        raw_attach.append(float(w[1]))
+    elif w[:1] and w[0] in medians:
         if w[1] == "median_ms":
             medians[w[0]].append(float(w[2]))
         else:
@@ -130,7 +136,8 @@ for line in out.splitlines():
         v[w[0]] = float(w[1])
 need = ["raw_median_ms", "raw_seq_wall_ms", "burst_wall_ms", "burst_errors",
         "craw_median_ms", "craw_seq_wall_ms", "cburst_wall_ms", "cburst_errors", "cburst_duplicates"]
-if any(len(m) != rounds for m in medians.values()) or any(k not in v for k in need):
+if any(len(m) != rounds for m in medians.values()) or any(k not in v for k in need) \
+        or len(raw_attach) != rounds * per:
     sys.exit(f"bench: incomplete output from the guest: {out!r}")
 agent, errors = medians["agent_round"], errs["agent_round"]
 # Median of the per-round medians (each round: {per} creates).
@@ -146,6 +153,9 @@ print(f"bench: controller_create_median_lvm_thick_64MiB = {c:.1f} ms (baseline r
 cw, csw = v["cburst_wall_ms"] / 1000, v["craw_seq_wall_ms"] / 1000
 print(f"bench: controller_create_{cburst}_concurrent_wall = {cw:.2f} s (baseline raw_lvcreate_{cburst}_sequential_wall = {csw:.2f} s, "
       f"ratio {cw / csw:.2f}, goal 0 errors, 0 duplicates) [{int(v['cburst_errors'])} errors, {int(v['cburst_duplicates'])} duplicates, 8 MiB each]")
+n, m = statistics.median(medians["attach_round"]), statistics.median(raw_attach)
+print(f"bench: node_stage_publish_median_ext4_64MiB = {n:.1f} ms (baseline manual_iscsiadm_login_mkfs_mount_median = {m:.1f} ms, "
+      f"ratio {n / m:.2f}, goal <= 1.10) [{rounds}x{per} attaches each way, interleaved, kernel initiator to the guest's own tgtd]")
 if errors or v["burst_errors"] or errs["csi_round"] or v["cburst_errors"] or v["cburst_duplicates"]:
     sys.exit("bench: some creates failed")
 EOF

@@ -58,7 +58,7 @@ topo_boot() {
 start_cinderblock() {
   local name=$1 portal
   case $name in stor) portal=$CB_STOR_IP:3260 ;; comp) portal=$CB_COMP_IP:3260 ;; *) portal=$CB_ONE_IP:3260 ;; esac
-  mkdir -p "$CB_SHARE/e2e"
+  mkdir -p "$CB_SHARE/e2e/backups"
   # One CHAP master key for the whole test cluster: the node of one guest derives the secret
   # of a volume exported by another guest's agent.
   [ -s "$CB_SHARE/e2e/chap.key" ] || head -c 32 /dev/urandom >"$CB_SHARE/e2e/chap.key"
@@ -86,6 +86,16 @@ vg = "cinder-volumes"
 thin_pool = "pool0"
 zone = "z-shared"
 capabilities = { media = "ssd", host = "$name" }
+
+# Every guest sees the host's share: a POSIX backup repository there is what an NFS export
+# shared by the storage nodes is to Cinder's backup service.
+[[agent.backup_repositories]]
+name = "shared"
+kind = "posix"
+path = "/mnt/host/e2e/backups"
+
+[agent.backup]
+default_repository = "shared"
 
 [node]
 zone = "z-$name"

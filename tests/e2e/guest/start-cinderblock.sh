@@ -38,6 +38,8 @@ for a in "$@"; do
 done
 
 mkdir -p "$(dirname "$LOG")"
+# The arguments, one per line, for restart-cinderblock.sh.
+printf '%s\n' "$@" >/run/cinderblock.args
 echo "=== $(date -u +%FT%TZ) $BIN $*" >>"$LOG"
 NO_COLOR=1 setsid "$BIN" "$@" >>"$LOG" 2>&1 </dev/null &
 pid=$!
