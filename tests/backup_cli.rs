@@ -159,10 +159,7 @@ async fn create_volume(stack: &Stack, name: &str, zone: &str) -> String {
 }
 
 fn image(stack: &Stack, agent: &str, id: &str) -> PathBuf {
-    stack
-        .agent(agent)
-        .pool_dir
-        .join(format!("volume-{id}.img"))
+    stack.agent(agent).pool_dir.join(format!("volume-{id}.img"))
 }
 
 fn write(path: &Path, offset: u64, data: &[u8]) {
@@ -252,7 +249,11 @@ async fn wait_pools(stack: &Stack, healthy: usize) {
         if n == healthy {
             return;
         }
-        assert!(Instant::now() < deadline, "pools: {pools}\n{}", stack.logs());
+        assert!(
+            Instant::now() < deadline,
+            "pools: {pools}\n{}",
+            stack.logs()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -278,11 +279,7 @@ async fn full_incremental_restore(stack: &Stack, repository: &str) -> (String, S
 
     change_one_percent(&src);
     let after = std::fs::read(&src).unwrap();
-    let inc = backup_create(
-        stack,
-        &[&vol, "--incremental", "--repository", repository],
-    )
-    .await;
+    let inc = backup_create(stack, &[&vol, "--incremental", "--repository", repository]).await;
     let inc_id = inc["id"].as_str().unwrap().to_owned();
     assert_eq!(inc["parent"], full_id.as_str(), "{inc}");
     assert_eq!(inc["stored_chunks"], 3, "{inc}");
@@ -328,16 +325,13 @@ async fn full_incremental_restore(stack: &Stack, repository: &str) -> (String, S
 async fn posix_repository_shared_by_two_agents() {
     let repo = tempfile::tempdir().unwrap();
     // Agent c (zone z3) has no repository: the scheduler must never restore onto it.
-    let stack = Stack::start_with(
-        &[spec("a", "z1"), spec("b", "z2"), spec("c", "z3")],
-        |s| {
-            if s.name == "c" {
-                String::new()
-            } else {
-                posix_tables(repo.path())
-            }
-        },
-    );
+    let stack = Stack::start_with(&[spec("a", "z1"), spec("b", "z2"), spec("c", "z3")], |s| {
+        if s.name == "c" {
+            String::new()
+        } else {
+            posix_tables(repo.path())
+        }
+    });
     wait_pools(&stack, 3).await;
     let (full, inc) = full_incremental_restore(&stack, "shared").await;
 
@@ -347,27 +341,6 @@ async fn posix_repository_shared_by_two_agents() {
         err.contains("ResourceExhausted") && err.contains("c#c: same-backend affinity"),
         "{err}"
     );
-
-    // A flipped byte in a stored chunk: the restore fails naming it, and the new volume is
-    // left in error (never available with bad data); the backup is untouched.
-    let object = repo.path().join(&full).join("chunk-00000040");
-    let mut stored = std::fs::read(&object).unwrap();
-    let mid = stored.len() / 2;
-    stored[mid] ^= 0x01;
-    std::fs::write(&object, &stored).unwrap();
-    let err = fails(
-        &stack,
-        &["backup", "restore", &full, "--zone", "z2", "--name", "bad"],
-    )
-    .await;
-    assert!(
-        err.contains("DataLoss") && err.contains(&format!("{full}/chunk-00000040")),
-        "{err}"
-    );
-    assert_eq!(volume_status(&stack, "bad").await, "error");
-    let (b, _) = ok(&stack, &["backup", "show", &full]).await;
-    assert_eq!(b["status"], "available");
-    assert_eq!(std::fs::read(&object).unwrap(), stored);
 
     // Onto an existing volume: too small is refused; an in-use one too.
     let small = create_volume(&stack, "pvc-small", "z2").await;
@@ -403,12 +376,37 @@ async fn posix_repository_shared_by_two_agents() {
     };
     let err = fails(&stack, &["backup", "restore", &inc, "--volume", &tiny]).await;
     assert!(err.contains("OutOfRange"), "{err}");
-    let (r, _) = ok(&stack, &["backup", "restore", &inc, "--volume", "pvc-small"]).await;
+    let (r, _) = ok(
+        &stack,
+        &["backup", "restore", &inc, "--volume", "pvc-small"],
+    )
+    .await;
     assert_eq!(r["volume"], small.as_str());
     let restored = std::fs::read(image(&stack, "b", &small)).unwrap();
     assert_eq!(restored.len() as u64, SIZE + 4 * MIB);
     let (inc_vol, _) = ok(&stack, &["backup", "show", &inc]).await;
     assert_eq!(inc_vol["volume_size_bytes"], SIZE);
+
+    // A flipped byte in a stored chunk: the restore fails naming it, and the new volume is
+    // left in error (never available with bad data); the backup is untouched.
+    let object = repo.path().join(&full).join("chunk-00000040");
+    let mut stored = std::fs::read(&object).unwrap();
+    let mid = stored.len() / 2;
+    stored[mid] ^= 0x01;
+    std::fs::write(&object, &stored).unwrap();
+    let err = fails(
+        &stack,
+        &["backup", "restore", &full, "--zone", "z2", "--name", "bad"],
+    )
+    .await;
+    assert!(
+        err.contains("DataLoss") && err.contains(&format!("{full}/chunk-00000040")),
+        "{err}"
+    );
+    assert_eq!(volume_status(&stack, "bad").await, "error");
+    let (b, _) = ok(&stack, &["backup", "show", &full]).await;
+    assert_eq!(b["status"], "available");
+    assert_eq!(std::fs::read(&object).unwrap(), stored);
 
     // --force: an in-use (published) volume needs it.
     let vol = create_volume(&stack, "pvc-busy", "z1").await;
@@ -433,7 +431,8 @@ async fn posix_repository_shared_by_two_agents() {
     let again = backup_create(&stack, &["pvc-busy", "--force", "--name", "nightly"]).await;
     assert_eq!(again["id"], forced["id"]);
 
-    // Deleting: the incremental first, then its parent; an unknown id is NOT_FOUND.
+    // Deleting: the incremental first, then its parent (damaged or not); an unknown id is
+    // NOT_FOUND.
     ok(&stack, &["backup", "delete", &inc]).await;
     ok(&stack, &["backup", "delete", &full]).await;
     let err = fails(&stack, &["backup", "show", &full]).await;

@@ -64,8 +64,11 @@ pub fn backup_id_for(name: &str) -> BackupId {
 
 /// A new random backup id.
 pub fn new_backup_id() -> BackupId {
-    BackupId::parse(&format!("{BACKUP_ID_PREFIX}{}", Uuid::new_v4().hyphenated()))
-        .unwrap_or_else(|_| unreachable!("a prefixed UUID is a valid backup id"))
+    BackupId::parse(&format!(
+        "{BACKUP_ID_PREFIX}{}",
+        Uuid::new_v4().hyphenated()
+    ))
+    .unwrap_or_else(|_| unreachable!("a prefixed UUID is a valid backup id"))
 }
 
 /// Whether a CSI snapshot id designates a backup rather than an LVM snapshot.
@@ -497,7 +500,9 @@ impl Controller {
         let backup = self.complete_backup(raw_id).await?;
         let id = backup.info.id.clone();
         let (entry, created) = match target {
-            RestoreTarget::Existing(raw) => (self.existing_restore_target(&backup, &raw).await?, false),
+            RestoreTarget::Existing(raw) => {
+                (self.existing_restore_target(&backup, &raw).await?, false)
+            }
             RestoreTarget::New(n) => {
                 let vid = n.name.as_deref().map_or_else(
                     || {
@@ -713,7 +718,10 @@ impl Controller {
                 return Err(ControllerError::AlreadyExists {
                     what: "snapshot",
                     name: name.to_owned(),
-                    reason: format!("it is a backup of {}, not of {raw_source}", b.info.volume_id),
+                    reason: format!(
+                        "it is a backup of {}, not of {raw_source}",
+                        b.info.volume_id
+                    ),
                 });
             }
             if b.info.status != BackupState::Error {
@@ -731,8 +739,7 @@ impl Controller {
                 .await
                 .map_err(ControllerError::agent(&vol.agent, "ListBackups"))?;
             mine.iter().any(|b| {
-                b.status.is_complete()
-                    && repository.as_ref().is_none_or(|r| *r == b.repository)
+                b.status.is_complete() && repository.as_ref().is_none_or(|r| *r == b.repository)
             })
         };
         let mut progress = agent
@@ -786,13 +793,10 @@ impl Controller {
 
     /// CSI GetSnapshot of a backup.
     pub async fn get_backup_snapshot(&self, raw_id: &str) -> Result<SnapshotView, ControllerError> {
-        let b = self
-            .get_backup(raw_id)
-            .await
-            .map_err(|e| match e {
-                ControllerError::BackupNotFound(id) => ControllerError::SnapshotNotFound(id),
-                other => other,
-            })?;
+        let b = self.get_backup(raw_id).await.map_err(|e| match e {
+            ControllerError::BackupNotFound(id) => ControllerError::SnapshotNotFound(id),
+            other => other,
+        })?;
         backup_snapshot_view(&b)
     }
 
@@ -859,12 +863,15 @@ impl Controller {
                 }
             }
         }
-        let backup = self.complete_backup(raw_backup).await.map_err(|e| match e {
-            ControllerError::BackupNotFound(_) => {
-                ControllerError::SourceNotFound(format!("snapshot:{raw_backup}"))
-            }
-            other => other,
-        })?;
+        let backup = self
+            .complete_backup(raw_backup)
+            .await
+            .map_err(|e| match e {
+                ControllerError::BackupNotFound(_) => {
+                    ControllerError::SourceNotFound(format!("snapshot:{raw_backup}"))
+                }
+                other => other,
+            })?;
         let size = requested_size(req.capacity, Some(backup.info.volume_size))?;
         let mut request = Request::new(size);
         request.extra_specs = vtype.extra_specs.clone();
@@ -990,7 +997,13 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                ("b0".into(), S::Restoring, "c".into(), s(&["a", "c"]), s(&["x", "y"])),
+                (
+                    "b0".into(),
+                    S::Restoring,
+                    "c".into(),
+                    s(&["a", "c"]),
+                    s(&["x", "y"])
+                ),
                 ("b1".into(), S::Creating, "b".into(), s(&["a", "b"]), s(&[])),
                 ("b2".into(), S::Available, "a".into(), s(&["a"]), s(&[])),
             ]
@@ -1003,7 +1016,9 @@ mod tests {
         assert_eq!(a, backup_id_for("snap-1"));
         assert_ne!(a, backup_id_for("snap-2"));
         assert!(is_backup_id(a.as_str()));
-        assert!(!is_backup_id(super::super::snapshot_id_for("snap-1").as_str()));
+        assert!(!is_backup_id(
+            super::super::snapshot_id_for("snap-1").as_str()
+        ));
         assert!(is_backup_id(new_backup_id().as_str()));
         assert_ne!(new_backup_id(), new_backup_id());
     }
@@ -1041,12 +1056,18 @@ mod tests {
                     incremental: true,
                 }),
             ),
-            (p(&[("type", "tape")]), Err("\"type\" must be snapshot or backup")),
+            (
+                p(&[("type", "tape")]),
+                Err("\"type\" must be snapshot or backup"),
+            ),
             (
                 p(&[("type", "backup"), ("incremental", "yes")]),
                 Err("must be true or false"),
             ),
-            (p(&[("type", "backup"), ("repository", "")]), Err("is empty")),
+            (
+                p(&[("type", "backup"), ("repository", "")]),
+                Err("is empty"),
+            ),
             (p(&[("repository", "nfs")]), Err("needs type: backup")),
             (
                 p(&[("type", "backup"), ("color", "red")]),

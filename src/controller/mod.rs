@@ -45,9 +45,8 @@ use crate::scheduler::{
 use crate::types::Bytes;
 
 pub use backups::{
-    backup_id_for, is_backup_id, merge as merge_backups, new_backup_id, BackupEntry,
-    BackupRequest, NewRestoreVolume, ProgressStream, RestoreTarget, SnapshotKind, Started,
-    BACKUP_ID_PREFIX,
+    backup_id_for, is_backup_id, merge as merge_backups, new_backup_id, BackupEntry, BackupRequest,
+    NewRestoreVolume, ProgressStream, RestoreTarget, SnapshotKind, Started, BACKUP_ID_PREFIX,
 };
 pub use guard::{Guards, Operation};
 pub use inventory::*;

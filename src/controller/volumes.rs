@@ -763,7 +763,10 @@ impl Controller {
 
 /// The size to create: `required`, else the source's size, else the default (capped by the
 /// limit). OUT_OF_RANGE when the range is impossible or below the source.
-pub(super) fn requested_size(range: CapacityRange, source: Option<Bytes>) -> Result<Bytes, ControllerError> {
+pub(super) fn requested_size(
+    range: CapacityRange,
+    source: Option<Bytes>,
+) -> Result<Bytes, ControllerError> {
     let size = match (range.required, source) {
         (Some(r), _) => r,
         (None, Some(s)) => s,

@@ -412,9 +412,7 @@ impl CsiController for ControllerService {
         let source = required(&r.source_volume_id, "source_volume_id")?;
         let s = match SnapshotKind::parse(&map(r.parameters.clone())).map_err(to_status)? {
             SnapshotKind::Snapshot(params) => {
-                self.controller
-                    .create_snapshot(name, source, &params)
-                    .await
+                self.controller.create_snapshot(name, source, &params).await
             }
             SnapshotKind::Backup {
                 repository,
@@ -438,10 +436,7 @@ impl CsiController for ControllerService {
         let r = request.into_inner();
         let id = required(&r.snapshot_id, "snapshot_id")?;
         if is_backup_id(id) {
-            self.controller
-                .delete_backup(id)
-                .await
-                .map_err(to_status)?;
+            self.controller.delete_backup(id).await.map_err(to_status)?;
         } else {
             self.controller
                 .delete_snapshot(id)

@@ -152,7 +152,10 @@ pub async fn delete(
     if c.delete_backup(&r.backup_id).await.map_err(to_status)? {
         Ok(pb::DeleteBackupResponse {})
     } else {
-        Err(Status::not_found(format!("backup {} not found", r.backup_id)))
+        Err(Status::not_found(format!(
+            "backup {} not found",
+            r.backup_id
+        )))
     }
 }
 

@@ -110,4 +110,3 @@ impl Drop for S3Server {
         let _ = self.child.wait();
     }
 }
-

@@ -222,7 +222,10 @@ fn progress_stream(s: tonic::Streaming<pb::BackupProgress>) -> ProgressStream {
             finished: match (m.done, m.backup) {
                 (true, Some(b)) => Some(backup_from_pb(b)?),
                 (true, None) => {
-                    return Err(super::bad_answer("progress", "a last message without a backup"))
+                    return Err(super::bad_answer(
+                        "progress",
+                        "a last message without a backup",
+                    ))
                 }
                 (false, _) => None,
             },
@@ -449,7 +452,8 @@ impl BackupAgent for FakeAgent {
         } else {
             None
         };
-        st.calls.push(format!("create_backup {} {}", req.id, req.volume));
+        st.calls
+            .push(format!("create_backup {} {}", req.id, req.volume));
         let now = SystemTime::now();
         let info = BackupInfo {
             id: req.id.clone(),
@@ -542,11 +546,10 @@ impl BackupAgent for FakeAgent {
     ) -> Result<ProgressStream, AgentClientError> {
         self.enter("restore_backup").await?;
         let mut st = self.lock();
-        let b = st
-            .backups
-            .get(id.as_str())
-            .cloned()
-            .ok_or_else(|| fake_err(AgentErrorKind::NotFound, format!("backup {id} not found")))?;
+        let b =
+            st.backups.get(id.as_str()).cloned().ok_or_else(|| {
+                fake_err(AgentErrorKind::NotFound, format!("backup {id} not found"))
+            })?;
         let (vol, data) = st
             .volumes
             .get_mut(volume)
