@@ -488,7 +488,7 @@ impl Controller {
                 Err(e) => last = Some(ControllerError::agent(&name, "ImportBackupRecord")(e)),
             }
         }
-        Err(last.unwrap_or_else(|| ControllerError::RepositoryUnavailable(repo)))
+        Err(last.unwrap_or(ControllerError::RepositoryUnavailable(repo)))
     }
 
     /// `backup restore`: onto an existing volume, or a new one placed by the scheduler.
@@ -981,7 +981,9 @@ mod tests {
             // b2: one agent only.
             ("a".to_string(), info("b2", S::Available, &[], 30)),
         ];
-        let got: Vec<(String, S, String, Vec<String>, Vec<String>)> = merge(reports)
+        // (id, status, winning agent, agents, dependents)
+        type Row = (String, S, String, Vec<String>, Vec<String>);
+        let got: Vec<Row> = merge(reports)
             .into_iter()
             .map(|e| {
                 (
@@ -1031,7 +1033,8 @@ mod tests {
                 .collect()
         };
         let sidecar = "csi.storage.k8s.io/volumesnapshot/name";
-        let cases: Vec<(BTreeMap<String, String>, Result<SnapshotKind, &str>)> = vec![
+        type Case = (BTreeMap<String, String>, Result<SnapshotKind, &'static str>);
+        let cases: Vec<Case> = vec![
             (p(&[]), Ok(SnapshotKind::Snapshot(p(&[])))),
             (
                 p(&[("type", "snapshot"), (sidecar, "s")]),

@@ -1,5 +1,6 @@
 //! moto's S3 server (PyPI) on 127.0.0.1 for the backup tests: installed with pip when
 //! missing, started on a free port with a bucket, killed by PID on drop.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test support: a panic is the failure report
 
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
