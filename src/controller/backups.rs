@@ -349,11 +349,27 @@ impl Controller {
         Ok(b)
     }
 
+    /// A volume by id: the index, else every agent is asked (operators also name volumes
+    /// made outside the controller, with `agent-ctl`); one found is added to the index.
+    async fn locate_volume(&self, id: &VolumeId) -> Result<Option<VolumeEntry>, ControllerError> {
+        if let Some(e) = self.lookup_volume(id).await? {
+            return Ok(Some(e));
+        }
+        for (name, agent) in &self.agents {
+            match agent.get_volume(id).await {
+                Ok(info) => return Ok(Some(self.remember_volume(name, info))),
+                Err(e) if e.kind == AgentErrorKind::NotFound => {}
+                Err(e) => return Err(ControllerError::agent(name, "GetVolume")(e)),
+            }
+        }
+        Ok(None)
+    }
+
     /// A volume by id, else by CSI name, read afresh from its agent.
     async fn resolve_volume(&self, raw: &str) -> Result<VolumeEntry, ControllerError> {
         let not_found = || ControllerError::VolumeNotFound(raw.to_owned());
         if let Ok(id) = VolumeId::parse(raw) {
-            if let Some(e) = self.lookup_volume(&id).await? {
+            if let Some(e) = self.locate_volume(&id).await? {
                 return self.observe_volume(&e).await?.ok_or_else(not_found);
             }
         }
