@@ -1028,6 +1028,117 @@ mod tests {
         );
     }
 
+    /// Fake agents a (z1), b (z2), c (z3); only a has repository `default`.
+    async fn fakes() -> (
+        Controller,
+        Vec<std::sync::Arc<crate::agent_rpc::client::FakeAgent>>,
+    ) {
+        use crate::agent_rpc::client::{FakeAgent, FakePool, StorageAgent};
+        let agents: Vec<_> = [("a", "z1"), ("b", "z2"), ("c", "z3")]
+            .into_iter()
+            .map(|(n, z)| FakeAgent::new(n, vec![FakePool::new("p", z, Bytes::gib(10))]))
+            .collect();
+        agents[1].set_backup_repositories(&["other"]);
+        agents[2].set_backup_repositories(&["other"]);
+        let settings = super::super::Settings {
+            scheduler: crate::scheduler::SchedulerConfig::default(),
+            volume_types: BTreeMap::from([(
+                "default".to_string(),
+                VolumeType {
+                    name: "default".into(),
+                    description: String::new(),
+                    extra_specs: BTreeMap::new(),
+                },
+            )]),
+            default_volume_type: "default".into(),
+        };
+        let seams: Vec<std::sync::Arc<dyn StorageAgent>> = agents
+            .iter()
+            .map(|a| a.clone() as std::sync::Arc<dyn StorageAgent>)
+            .collect();
+        let c = Controller::new(settings, seams).unwrap_or_else(|e| panic!("{e}"));
+        c.sync_all().await;
+        (c, agents)
+    }
+
+    async fn drain(mut s: Started) -> Result<BackupInfo, ControllerError> {
+        while let Some(step) = s.progress.next().await {
+            if let Some(b) = step?.finished {
+                return Ok(b);
+            }
+        }
+        Err(ControllerError::Internal("no result".into()))
+    }
+
+    #[tokio::test]
+    async fn restores_go_only_to_agents_with_the_repository() {
+        let (c, agents) = fakes().await;
+        let v = VolumeId::parse("v1").unwrap_or_else(|e| panic!("{e}"));
+        agents[0]
+            .create_volume(NewVolume {
+                id: v.clone(),
+                pool: "p".into(),
+                size: Bytes::mib(64),
+                volume_type: "default".into(),
+                metadata: BTreeMap::new(),
+                source: None,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        agents[0].poke(&v, 4096, b"payload");
+        let req = BackupRequest {
+            volume: "v1".into(),
+            name: Some("n1".into()),
+            repository: None,
+            incremental: false,
+            force: false,
+        };
+        let started = c.create_backup(req).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(started.backup, backup_id_for("n1"));
+        let b = drain(started).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(b.repository, "default");
+        let id = b.id.to_string();
+
+        // Zone z3 exists, but its agent lacks the repository.
+        let new = |zone: Option<&str>| {
+            RestoreTarget::New(NewRestoreVolume {
+                zone: zone.map(str::to_owned),
+                ..Default::default()
+            })
+        };
+        let err = c.restore_backup(&id, new(Some("z3"))).await.unwrap_err();
+        assert!(
+            err.to_string().contains("c#p: same-backend affinity"),
+            "{err}"
+        );
+        assert_eq!(
+            crate::csi::status::code(&err),
+            tonic::Code::ResourceExhausted
+        );
+        // Anywhere: only agent a qualifies; the new volume gets the backup's bytes.
+        let started = c
+            .restore_backup(&id, new(None))
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(started.agent, "a");
+        let target = started.volume.clone();
+        drain(started).await.unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(agents[0].content(&target), agents[0].content(&v));
+        assert!(agents[1].volume_ids().is_empty() && agents[2].volume_ids().is_empty());
+        // Unknown backups and volumes.
+        let err = c
+            .restore_backup("backup-nope", new(None))
+            .await
+            .unwrap_err();
+        assert_eq!(crate::csi::status::code(&err), tonic::Code::NotFound);
+        assert!(!c
+            .delete_backup("backup-nope")
+            .await
+            .unwrap_or_else(|e| panic!("{e}")));
+        assert!(c.delete_backup(&id).await.unwrap_or_else(|e| panic!("{e}")));
+        assert_eq!(c.list_backups(None).await.map(|l| l.len()).ok(), Some(0));
+    }
+
     #[test]
     fn backup_ids_are_stable_prefixed_and_distinct_from_snapshot_ids() {
         let a = backup_id_for("snap-1");
