@@ -1072,6 +1072,7 @@ mod tests {
 
     #[tokio::test]
     async fn restores_go_only_to_agents_with_the_repository() {
+        use crate::agent_rpc::client::StorageAgent as _;
         let (c, agents) = fakes().await;
         let v = VolumeId::parse("v1").unwrap_or_else(|e| panic!("{e}"));
         agents[0]
