@@ -56,6 +56,14 @@ listen = "unix://$W/agent.sock"
 chap_key_file = "$W/chap.key"
 tgt = { control_port = $CTL, portal = "127.0.0.1:$PORT" }
 
+[agent.backup]
+chunk_size = 1048576
+
+[[agent.backup_repositories]]
+name = "demo-repo"
+kind = "posix"
+path = "$W/backups"
+
 [[agent.pools]]
 name = "files"
 kind = "file"
@@ -142,6 +150,31 @@ run "$CB" volume show "$VOL"
 run "$CB" snapshot list
 run "$CB" pool list
 run "$CB" type list
+
+say "backups through the controller (Cinder's backup-create / backup-list / backup-restore)"
+BVOL=demo-0003
+run "$CB" agent-ctl "${A[@]}" create "$BVOL" --pool files --size 64Mi
+IMG=$W/pool/volume-$BVOL.img
+dd if=/dev/urandom of="$IMG" bs=1M count=8 conv=notrunc status=none
+run "$CB" backup create "$BVOL" --repository demo-repo
+FULL=$("$CB" backup list --volume "$BVOL" -o json | grep -o '"id": *"backup-[^"]*"' | tail -1 | sed 's/.*"\(backup-[^"]*\)"/\1/')
+say "change 1 MiB, then an incremental backup stores only the changed chunk"
+dd if=/dev/urandom of="$IMG" bs=1M count=1 seek=40 conv=notrunc status=none
+WANT=$(sha256sum <"$IMG" | cut -d' ' -f1)
+run "$CB" backup create "$BVOL" --incremental
+INC=$("$CB" backup list --volume "$BVOL" -o json | grep -o '"id": *"backup-[^"]*"' | grep -v "$FULL" | tail -1 | sed 's/.*"\(backup-[^"]*\)"/\1/')
+run "$CB" backup list
+say "Cinder's rule: a backup with incremental backups on top cannot be deleted"
+"$CB" backup delete "$FULL" && { echo "UNEXPECTED: deleted"; exit 1; } || true
+say "delete the source volume, restore the incremental backup onto a new volume placed by the scheduler"
+run "$CB" agent-ctl "${A[@]}" delete "$BVOL"
+RESTORED=$("$CB" backup restore "$INC" --zone nova --name demo-restored -o json | sed -n 's/.*"volume": *"\([^"]*\)".*/\1/p')
+run "$CB" volume show demo-restored
+GOT=$(sha256sum <"$W/pool/volume-$RESTORED.img" | cut -d' ' -f1)
+if [ "$GOT" = "$WANT" ]; then echo "    restored bytes identical: sha256 $GOT"; else echo "MISMATCH: $GOT != $WANT"; exit 1; fi
+run "$CB" backup delete "$INC"
+run "$CB" backup delete "$FULL"
+run "$CB" agent-ctl "${A[@]}" delete "$RESTORED"
 
 say "unexport, delete the snapshot and both volumes (a second delete is fine: already gone)"
 run "$CB" agent-ctl "${A[@]}" unexport "$VOL"

@@ -61,6 +61,9 @@ pub enum Command {
     Pool(crate::ops::operator::PoolArgs),
     /// Volume types (Cinder's `cinder type-list`).
     Type(crate::ops::operator::TypeArgs),
+    /// Backups through the controller (Cinder's backup-create/-list/-show/-delete/-restore/
+    /// -export/-import).
+    Backup(crate::ops::backup::BackupArgs),
 }
 
 /// Flags shared by every role.

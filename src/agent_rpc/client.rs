@@ -26,6 +26,9 @@ use crate::tls::ClientTls;
 use crate::transport::{self, Endpoint, TransportError};
 use crate::types::Bytes;
 
+mod backups;
+pub use backups::*;
+
 /// What kind of failure an agent call ended with: the agent API's documented codes
 /// (docs/agent-protocol.md), so the controller can apply Cinder's and CSI's rules to them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -48,6 +51,8 @@ pub enum AgentErrorKind {
     Unavailable,
     /// The call took too long.
     DeadlineExceeded,
+    /// Stored data is damaged or missing (a backup's chunk fails its digest).
+    DataLoss,
     /// A host command failed on the agent.
     Internal,
     /// Anything else (a code the agent API does not document).
@@ -259,7 +264,7 @@ pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, AgentClientError>
 
 /// One storage agent as the controller uses it (the agent API of docs/agent-protocol.md).
 #[async_trait::async_trait]
-pub trait StorageAgent: Send + Sync + fmt::Debug {
+pub trait StorageAgent: BackupAgent + Send + Sync + fmt::Debug {
     /// The agent's configured name (what pools are keyed by).
     fn name(&self) -> &str;
     /// Every pool with fresh statistics.
@@ -375,7 +380,8 @@ pub fn kind_of(code: tonic::Code) -> AgentErrorKind {
         C::Aborted => AgentErrorKind::Aborted,
         C::Unavailable => AgentErrorKind::Unavailable,
         C::DeadlineExceeded | C::Cancelled => AgentErrorKind::DeadlineExceeded,
-        C::Internal | C::DataLoss => AgentErrorKind::Internal,
+        C::DataLoss => AgentErrorKind::DataLoss,
+        C::Internal => AgentErrorKind::Internal,
         C::Ok | C::Unknown | C::PermissionDenied | C::Unimplemented | C::Unauthenticated => {
             AgentErrorKind::Unknown
         }
@@ -872,6 +878,10 @@ struct FakeState {
     calls: Vec<String>,
     latency: Duration,
     down: bool,
+    /// Backups by id (see `backups.rs`).
+    backups: BTreeMap<String, backups::FakeBackup>,
+    /// Backup repository names; empty = one called `default`.
+    repositories: Vec<String>,
 }
 
 const FAKE_CHUNK: usize = 1 << 20;

@@ -18,6 +18,7 @@
 //! call on the same object; since a volume's id is derived from its name, that is also the
 //! per-name guard. The one lock ([`Controller::state`]) is never held across `.await`.
 
+mod backups;
 pub mod guard;
 mod inventory;
 pub mod model;
@@ -43,6 +44,10 @@ use crate::scheduler::{
 };
 use crate::types::Bytes;
 
+pub use backups::{
+    backup_id_for, is_backup_id, merge as merge_backups, new_backup_id, BackupEntry, BackupRequest,
+    NewRestoreVolume, ProgressStream, RestoreTarget, SnapshotKind, Started, BACKUP_ID_PREFIX,
+};
 pub use guard::{Guards, Operation};
 pub use inventory::*;
 pub use model::*;
@@ -67,6 +72,22 @@ pub enum ControllerError {
     /// No such snapshot.
     #[error("snapshot {0} not found")]
     SnapshotNotFound(String),
+    /// No agent reports this backup.
+    #[error("backup {0} not found")]
+    BackupNotFound(String),
+    /// A volume or backup is not in the status an operation needs.
+    #[error("{what} is {status}; it must be {needed}")]
+    WrongStatus {
+        /// `volume <id>` or `backup <id>`.
+        what: String,
+        /// Its status.
+        status: String,
+        /// The status needed.
+        needed: &'static str,
+    },
+    /// No (suitable) agent has the backup repository.
+    #[error("no agent that could serve this has backup repository {0}")]
+    RepositoryUnavailable(String),
     /// The content source of a new volume does not exist.
     #[error("content source {0} not found")]
     SourceNotFound(String),
@@ -280,6 +301,7 @@ fn worth_rescheduling(kind: AgentErrorKind) -> bool {
         | AgentErrorKind::AlreadyExists
         | AgentErrorKind::FailedPrecondition
         | AgentErrorKind::OutOfRange
+        | AgentErrorKind::DataLoss
         | AgentErrorKind::Aborted => false,
     }
 }

@@ -92,6 +92,13 @@ impl Controller {
                 .unwrap_or_default(),
             capacity: req.capacity,
         };
+        if let Some(super::ContentSource::Snapshot(b)) = req.source.as_ref() {
+            if super::is_backup_id(b) {
+                return self
+                    .create_volume_from_backup(&req, &id, &vtype, &spec, &params, b)
+                    .await;
+            }
+        }
         if let Some(existing) = self.lookup_volume(&id).await? {
             return self.existing_volume(existing, &spec, &req).await;
         }
@@ -230,7 +237,7 @@ impl Controller {
     /// Picks a pool and charges the volume to it in memory. Pools whose extent would round
     /// the size past `limit` are left out; `prefer` (the content source's pool) is taken when
     /// it passes the filters, so clones stay on their source's pool (Cinder does the same).
-    fn place(
+    pub(super) fn place(
         &self,
         id: &VolumeId,
         request: &Request,
@@ -293,7 +300,7 @@ impl Controller {
 
     /// Ends an in-flight placement: kept (the agent's next report includes the volume) or,
     /// with `release`, given back.
-    fn settle(&self, id: &VolumeId, release: Option<Charge>) {
+    pub(super) fn settle(&self, id: &VolumeId, release: Option<Charge>) {
         let mut st = self.state();
         if release.is_none() {
             // Kept until a report asked for after now is applied (see `apply_pools`).
@@ -363,7 +370,7 @@ impl Controller {
         Ok(())
     }
 
-    fn forget_volume(&self, id: &VolumeId) -> Option<VolumeEntry> {
+    pub(super) fn forget_volume(&self, id: &VolumeId) -> Option<VolumeEntry> {
         let mut st = self.state();
         let entry = st.volumes.remove(id)?;
         let pool = PoolRef::new(&entry.agent, &entry.info.pool);
@@ -756,7 +763,10 @@ impl Controller {
 
 /// The size to create: `required`, else the source's size, else the default (capped by the
 /// limit). OUT_OF_RANGE when the range is impossible or below the source.
-fn requested_size(range: CapacityRange, source: Option<Bytes>) -> Result<Bytes, ControllerError> {
+pub(super) fn requested_size(
+    range: CapacityRange,
+    source: Option<Bytes>,
+) -> Result<Bytes, ControllerError> {
     let size = match (range.required, source) {
         (Some(r), _) => r,
         (None, Some(s)) => s,

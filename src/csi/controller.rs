@@ -13,8 +13,8 @@ use tonic::{Request, Response, Status};
 use super::status::to_status;
 use super::TOPOLOGY_ZONE_KEY;
 use crate::controller::{
-    Access, AccessMode, Capability, CapacityRange, ContentSource, Controller, CreateVolume,
-    SnapshotView, VolumeView, Zones,
+    is_backup_id, Access, AccessMode, Capability, CapacityRange, ContentSource, Controller,
+    CreateVolume, SnapshotKind, SnapshotView, VolumeView, Zones,
 };
 use crate::proto::csi as pb;
 use crate::proto::csi::controller_server::Controller as CsiController;
@@ -410,11 +410,20 @@ impl CsiController for ControllerService {
         let r = request.into_inner();
         let name = required(&r.name, "name")?;
         let source = required(&r.source_volume_id, "source_volume_id")?;
-        let s = self
-            .controller
-            .create_snapshot(name, source, &map(r.parameters.clone()))
-            .await
-            .map_err(to_status)?;
+        let s = match SnapshotKind::parse(&map(r.parameters.clone())).map_err(to_status)? {
+            SnapshotKind::Snapshot(params) => {
+                self.controller.create_snapshot(name, source, &params).await
+            }
+            SnapshotKind::Backup {
+                repository,
+                incremental,
+            } => {
+                self.controller
+                    .create_backup_snapshot(name, source, repository, incremental)
+                    .await
+            }
+        }
+        .map_err(to_status)?;
         Ok(Response::new(pb::CreateSnapshotResponse {
             snapshot: Some(snapshot_to_pb(&s)),
         }))
@@ -426,10 +435,14 @@ impl CsiController for ControllerService {
     ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
         let r = request.into_inner();
         let id = required(&r.snapshot_id, "snapshot_id")?;
-        self.controller
-            .delete_snapshot(id)
-            .await
-            .map_err(to_status)?;
+        if is_backup_id(id) {
+            self.controller.delete_backup(id).await.map_err(to_status)?;
+        } else {
+            self.controller
+                .delete_snapshot(id)
+                .await
+                .map_err(to_status)?;
+        }
         Ok(Response::new(pb::DeleteSnapshotResponse {}))
     }
 
@@ -440,7 +453,7 @@ impl CsiController for ControllerService {
         let r = request.into_inner();
         let page = self
             .controller
-            .list_snapshots(
+            .list_snapshots_and_backups(
                 &r.snapshot_id,
                 &r.source_volume_id,
                 max_entries(r.max_entries)?,
@@ -466,7 +479,12 @@ impl CsiController for ControllerService {
     ) -> Result<Response<pb::GetSnapshotResponse>, Status> {
         let r = request.into_inner();
         let id = required(&r.snapshot_id, "snapshot_id")?;
-        let s = self.controller.get_snapshot(id).await.map_err(to_status)?;
+        let s = if is_backup_id(id) {
+            self.controller.get_backup_snapshot(id).await
+        } else {
+            self.controller.get_snapshot(id).await
+        }
+        .map_err(to_status)?;
         Ok(Response::new(pb::GetSnapshotResponse {
             snapshot: Some(snapshot_to_pb(&s)),
         }))

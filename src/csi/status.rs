@@ -21,6 +21,7 @@ fn agent_code(kind: AgentErrorKind) -> Code {
         AgentErrorKind::Aborted => Code::Aborted,
         AgentErrorKind::Unavailable => Code::Unavailable,
         AgentErrorKind::DeadlineExceeded => Code::DeadlineExceeded,
+        AgentErrorKind::DataLoss => Code::DataLoss,
         AgentErrorKind::Internal | AgentErrorKind::Unknown => Code::Internal,
     }
 }
@@ -33,6 +34,7 @@ pub fn code(e: &ControllerError) -> Code {
         | ControllerError::UnknownVolumeType(_) => Code::InvalidArgument,
         ControllerError::VolumeNotFound(_)
         | ControllerError::SnapshotNotFound(_)
+        | ControllerError::BackupNotFound(_)
         | ControllerError::SourceNotFound(_)
         | ControllerError::NodeNotFound(_) => Code::NotFound,
         ControllerError::AlreadyExists { .. } => Code::AlreadyExists,
@@ -40,7 +42,9 @@ pub fn code(e: &ControllerError) -> Code {
         ControllerError::NoValidPool { .. } => Code::ResourceExhausted,
         ControllerError::HasSnapshots { .. }
         | ControllerError::Published { .. }
-        | ControllerError::PublishedElsewhere { .. } => Code::FailedPrecondition,
+        | ControllerError::PublishedElsewhere { .. }
+        | ControllerError::WrongStatus { .. }
+        | ControllerError::RepositoryUnavailable(_) => Code::FailedPrecondition,
         ControllerError::Busy(_) | ControllerError::BadToken(_) => Code::Aborted,
         ControllerError::IndexIncomplete(_) => Code::Unavailable,
         ControllerError::Agent { source, .. } => agent_code(source.kind),
@@ -105,6 +109,19 @@ mod tests {
                 Code::NotFound,
             ),
             (ControllerError::SourceNotFound("s".into()), Code::NotFound),
+            (ControllerError::BackupNotFound("b".into()), Code::NotFound),
+            (
+                ControllerError::WrongStatus {
+                    what: "backup b".into(),
+                    status: "creating".into(),
+                    needed: "available",
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                ControllerError::RepositoryUnavailable("nfs".into()),
+                Code::FailedPrecondition,
+            ),
             (ControllerError::NodeNotFound("n".into()), Code::NotFound),
             (
                 ControllerError::AlreadyExists {

@@ -3,6 +3,7 @@
 //! its siblings). Domain errors are mapped by the controller's one table,
 //! [`crate::csi::status`], so a code means the same on both APIs.
 
+pub mod backups;
 pub mod service;
 
 pub use service::OperatorService;

@@ -28,7 +28,8 @@ impl OperatorService {
     }
 }
 
-fn timestamp(t: SystemTime) -> prost_types::Timestamp {
+/// A wire timestamp.
+pub fn timestamp(t: SystemTime) -> prost_types::Timestamp {
     let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
     prost_types::Timestamp {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
@@ -222,6 +223,73 @@ impl Operator for OperatorService {
                 .map(type_to_pb)
                 .collect(),
         }))
+    }
+
+    type CreateBackupStream = super::backups::ProgressStream;
+
+    async fn create_backup(
+        &self,
+        request: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<Self::CreateBackupStream>, Status> {
+        super::backups::create(&self.controller, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn list_backups(
+        &self,
+        request: Request<pb::ListBackupsRequest>,
+    ) -> Result<Response<pb::ListBackupsResponse>, Status> {
+        super::backups::list(&self.controller, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn get_backup(
+        &self,
+        request: Request<pb::GetBackupRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        super::backups::get(&self.controller, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn delete_backup(
+        &self,
+        request: Request<pb::DeleteBackupRequest>,
+    ) -> Result<Response<pb::DeleteBackupResponse>, Status> {
+        super::backups::delete(&self.controller, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    type RestoreBackupStream = super::backups::ProgressStream;
+
+    async fn restore_backup(
+        &self,
+        request: Request<pb::RestoreBackupRequest>,
+    ) -> Result<Response<Self::RestoreBackupStream>, Status> {
+        super::backups::restore(&self.controller, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn export_backup_record(
+        &self,
+        request: Request<pb::ExportBackupRecordRequest>,
+    ) -> Result<Response<pb::BackupRecord>, Status> {
+        super::backups::export(&self.controller, request.into_inner())
+            .await
+            .map(Response::new)
+    }
+
+    async fn import_backup_record(
+        &self,
+        request: Request<pb::ImportBackupRecordRequest>,
+    ) -> Result<Response<pb::Backup>, Status> {
+        super::backups::import(&self.controller, request.into_inner())
+            .await
+            .map(Response::new)
     }
 }
 

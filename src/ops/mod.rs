@@ -1,6 +1,7 @@
 //! Operator commands that talk to a running Cinderblock (the `cinder` client's role).
 
 pub mod agent;
+pub mod backup;
 pub mod bench;
 pub mod bench_attach;
 pub mod operator;

@@ -120,14 +120,14 @@ pub enum TypeCommand {
 
 type Client = OperatorClient<Channel>;
 
-async fn client(target: &Target) -> Result<Client, OpsError> {
+pub(super) async fn client(target: &Target) -> Result<Client, OpsError> {
     Ok(OperatorClient::new(
         transport::connect(&target.controller, false).await?,
     ))
 }
 
 /// The error of a failed call; UNIMPLEMENTED means the endpoint is not a controller.
-fn rpc_err(target: &Target, rpc: &'static str) -> impl Fn(tonic::Status) -> OpsError {
+pub(super) fn rpc_err(target: &Target, rpc: &'static str) -> impl Fn(tonic::Status) -> OpsError {
     let endpoint = target.controller.to_string();
     move |s| {
         if s.code() == Code::Unimplemented {
@@ -169,15 +169,15 @@ fn time(t: &Option<prost_types::Timestamp>) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
 }
 
-fn time_text(t: &Option<prost_types::Timestamp>) -> String {
+pub(super) fn time_text(t: &Option<prost_types::Timestamp>) -> String {
     time(t).map(utc_text).unwrap_or_default()
 }
 
-fn time_json(t: &Option<prost_types::Timestamp>) -> Value {
+pub(super) fn time_json(t: &Option<prost_types::Timestamp>) -> Value {
     time(t).map_or(Value::Null, |t| Value::String(utc_text(t)))
 }
 
-fn text_or_null(s: &str) -> Value {
+pub(super) fn text_or_null(s: &str) -> Value {
     if s.is_empty() {
         Value::Null
     } else {

@@ -1,6 +1,7 @@
 //! Support shared by the integration tests. Each test crate uses a part of it.
 #![allow(dead_code)]
 
+pub mod s3;
 pub mod tgtd;
 
 use std::path::{Path, PathBuf};

@@ -224,6 +224,12 @@ extra_specs = { multiattach = "<is> True" }
 impl Stack {
     /// Starts one agent per spec, then the controller.
     pub fn start(specs: &[AgentSpec]) -> Stack {
+        Stack::start_with(specs, |_| String::new())
+    }
+
+    /// Like [`Stack::start`], with `tables(spec)` appended to each agent's configuration
+    /// (backup repositories, ...).
+    pub fn start_with(specs: &[AgentSpec], tables: impl Fn(&AgentSpec) -> String) -> Stack {
         let dir = tempfile::tempdir().expect("temporary directory");
         let mut agents = Vec::new();
         for spec in specs {
@@ -233,7 +239,7 @@ impl Stack {
             let socket = dir.path().join(format!("agent-{}.sock", spec.name));
             let config = dir.path().join(format!("agent-{}.toml", spec.name));
             let listen = format!("unix://{}", socket.display());
-            let toml = agent_config(spec, &listen, &tgtd, &pool_dir, "", "");
+            let toml = agent_config(spec, &listen, &tgtd, &pool_dir, "", &tables(spec));
             std::fs::write(&config, toml).expect("agent config");
             let log = dir.path().join(format!("agent-{}.log", spec.name));
             let config_arg = config.display().to_string();
