@@ -59,6 +59,8 @@ pub enum Command {
     Pool(crate::ops::operator::PoolArgs),
     /// Volume types (Cinder's `cinder type-list`).
     Type(crate::ops::operator::TypeArgs),
+    /// Print the CustomResourceDefinitions (StoragePool, VolumeBackup, VolumeRestore) as YAML.
+    Crds,
 }
 
 /// Flags shared by every role.

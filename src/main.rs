@@ -108,6 +108,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Snapshot(args) => runtime()?.block_on(ops::operator::snapshot(args))?,
         Command::Pool(args) => runtime()?.block_on(ops::operator::pool(args))?,
         Command::Type(args) => runtime()?.block_on(ops::operator::volume_type(args))?,
+        Command::Crds => print!("{}", cinderblock::k8s::crd::crds_yaml()?),
     }
     Ok(())
 }
