@@ -637,7 +637,9 @@ impl AgentConfig {
 
     fn validate_backup(&self, prefix: &str) -> Result<(), ConfigError> {
         let b = &self.backup;
-        if b.chunk_size % (32 << 10) != 0 || !((64 << 10)..=(64 << 20)).contains(&b.chunk_size) {
+        if !b.chunk_size.is_multiple_of(32 << 10)
+            || !((64 << 10)..=(64 << 20)).contains(&b.chunk_size)
+        {
             return Err(invalid(
                 format!("{prefix}backup.chunk_size"),
                 "must be a multiple of 32 KiB between 64 KiB and 64 MiB",
@@ -869,7 +871,9 @@ impl AgentKubeConfig {
         if self.advertise_endpoint.is_none() && wildcard {
             return Err(invalid(
                 format!("{prefix}advertise_endpoint"),
-                format!("`listen` is the wildcard {listen}: say which address the controller dials"),
+                format!(
+                    "`listen` is the wildcard {listen}: say which address the controller dials"
+                ),
             ));
         }
         Ok(())

@@ -148,7 +148,11 @@ pub struct HistogramVec {
 
 impl HistogramVec {
     /// A histogram over `labels` with upper bounds `buckets` (ascending).
-    pub fn new(labels: &'static [&'static str], buckets: &'static [f64], max_series: usize) -> Self {
+    pub fn new(
+        labels: &'static [&'static str],
+        buckets: &'static [f64],
+        max_series: usize,
+    ) -> Self {
         HistogramVec {
             labels,
             buckets,

@@ -250,7 +250,12 @@ fn create_request(name: &str, zone: Option<&str>) -> pb::CreateVolumeRequest {
 
 /// CreateVolume on `csi`, retried (as the external-provisioner does) while the answer is
 /// UNAVAILABLE, for at most `limit`.
-async fn create_retrying(csi: &Path, name: &str, zone: Option<&str>, limit: Duration) -> pb::Volume {
+async fn create_retrying(
+    csi: &Path,
+    name: &str,
+    zone: Option<&str>,
+    limit: Duration,
+) -> pb::Volume {
     let deadline = Instant::now() + limit;
     let mut client = csi_client(csi).await;
     loop {
@@ -301,8 +306,14 @@ fn crds_apply_and_bad_volume_backups_are_rejected_by_the_schema() {
     let cases = [
         ("spec:\n  incremental: true\n", "spec.pvcName"),
         ("spec:\n  pvcName: 5\n", "spec.pvcName"),
-        ("spec:\n  pvcName: data\n  incremental: \"yes\"\n", "spec.incremental"),
-        ("spec:\n  pvcName: data\n  deletionPolicy: Sometimes\n", "spec.deletionPolicy"),
+        (
+            "spec:\n  pvcName: data\n  incremental: \"yes\"\n",
+            "spec.incremental",
+        ),
+        (
+            "spec:\n  pvcName: data\n  deletionPolicy: Sometimes\n",
+            "spec.deletionPolicy",
+        ),
         ("spec:\n  pvcName: \"\"\n", "spec.pvcName"),
     ];
     for (spec, field) in cases {
@@ -311,7 +322,10 @@ fn crds_apply_and_bad_volume_backups_are_rejected_by_the_schema() {
         );
         let (code, out, err) = kubectl_in(&["apply", "--dry-run=server", "-f", "-"], &doc);
         assert_ne!(code, 0, "accepted:\n{doc}\n{out}");
-        assert!(err.contains(field) && err.contains("Invalid"), "{doc}\n{err}");
+        assert!(
+            err.contains(field) && err.contains("Invalid"),
+            "{doc}\n{err}"
+        );
     }
     // A VolumeRestore needs its target PVC and StorageClass.
     let (code, _, err) = kubectl_in(
@@ -319,15 +333,28 @@ fn crds_apply_and_bad_volume_backups_are_rejected_by_the_schema() {
         &format!("apiVersion: cinderblock.dev/v1alpha1\nkind: VolumeRestore\nmetadata:\n  name: r-{s}\n  namespace: default\nspec:\n  backupName: x\n"),
     );
     assert_ne!(code, 0);
-    assert!(err.contains("spec.pvcName") && err.contains("spec.storageClassName"), "{err}");
+    assert!(
+        err.contains("spec.pvcName") && err.contains("spec.storageClassName"),
+        "{err}"
+    );
     // The printer columns are Cinder's get-pools.
     let (_, out, err) = kubectl_in(&["get", "storagepools"], "");
     let header = out.lines().next().unwrap_or_default().to_owned() + &err;
     assert!(
         header.contains("No resources found")
-            || ["NAME", "ZONE", "BACKEND", "TOTAL", "FREE", "PROVISIONED", "VOLUMES", "HEALTH", "AGE"]
-                .iter()
-                .all(|c| header.contains(c)),
+            || [
+                "NAME",
+                "ZONE",
+                "BACKEND",
+                "TOTAL",
+                "FREE",
+                "PROVISIONED",
+                "VOLUMES",
+                "HEALTH",
+                "AGE"
+            ]
+            .iter()
+            .all(|c| header.contains(c)),
         "{header}"
     );
 }
@@ -352,9 +379,12 @@ async fn agents_register_storagepools_and_the_controller_places_on_discovered_ag
     let logs = || format!("{}\n{}", a.proc.log_text(), b.proc.log_text());
     for agent in [&a, &b] {
         let name = format!("{}.{}", agent.spec.name, agent.spec.name);
-        let sp = wait_for("StoragePool registered", Duration::from_secs(30), logs, || {
-            get_json(&["storagepool", &name]).filter(|v| v["status"]["health"] == "Healthy")
-        });
+        let sp = wait_for(
+            "StoragePool registered",
+            Duration::from_secs(30),
+            logs,
+            || get_json(&["storagepool", &name]).filter(|v| v["status"]["health"] == "Healthy"),
+        );
         assert_eq!(sp["spec"]["agent"], agent.spec.name);
         assert_eq!(sp["spec"]["backend"], "file");
         assert_eq!(sp["spec"]["zone"], agent.spec.zone);
@@ -370,7 +400,10 @@ async fn agents_register_storagepools_and_the_controller_places_on_discovered_ag
             sp["status"]["capacity"]["total"],
             format!("{}Gi", agent.spec.capacity_gib)
         );
-        assert_eq!(sp["metadata"]["labels"]["cinderblock.dev/agent"], agent.spec.name);
+        assert_eq!(
+            sp["metadata"]["labels"]["cinderblock.dev/agent"],
+            agent.spec.name
+        );
     }
     // Heartbeats move.
     let name_a = format!("{a_name}.{a_name}");
@@ -383,21 +416,48 @@ async fn agents_register_storagepools_and_the_controller_places_on_discovered_ag
     let header: Vec<&str> = table.lines().next().unwrap().split_whitespace().collect();
     assert_eq!(
         header,
-        ["NAME", "ZONE", "BACKEND", "TOTAL", "FREE", "PROVISIONED", "VOLUMES", "HEALTH", "AGE"]
+        [
+            "NAME",
+            "ZONE",
+            "BACKEND",
+            "TOTAL",
+            "FREE",
+            "PROVISIONED",
+            "VOLUMES",
+            "HEALTH",
+            "AGE"
+        ]
     );
-    assert!(table.contains("zone-a") && table.contains("4Gi") && table.contains("Healthy"), "{table}");
+    assert!(
+        table.contains("zone-a") && table.contains("4Gi") && table.contains("Healthy"),
+        "{table}"
+    );
 
     // A controller with no static agent: everything comes from the StoragePools.
-    let (ctl, csi, metrics) =
-        start_controller(dir.path(), &format!("c-{s}"), &format!("lease-{s}"), &[], (6, 4, 1));
-    let vol = create_retrying(&csi, &format!("pvc-{s}"), Some("zone-b"), Duration::from_secs(40)).await;
+    let (ctl, csi, metrics) = start_controller(
+        dir.path(),
+        &format!("c-{s}"),
+        &format!("lease-{s}"),
+        &[],
+        (6, 4, 1),
+    );
+    let vol = create_retrying(
+        &csi,
+        &format!("pvc-{s}"),
+        Some("zone-b"),
+        Duration::from_secs(40),
+    )
+    .await;
     assert_eq!(
         vol.accessible_topology[0].segments[cinderblock::csi::TOPOLOGY_ZONE_KEY],
         "zone-b"
     );
     let img = b.pool_dir.join(format!("volume-{}.img", vol.volume_id));
     assert!(img.exists(), "volume not on agent b:\n{}", ctl.log_text());
-    assert!(!a.pool_dir.join(format!("volume-{}.img", vol.volume_id)).exists());
+    assert!(!a
+        .pool_dir
+        .join(format!("volume-{}.img", vol.volume_id))
+        .exists());
     // The StoragePool shows it at the next heartbeat.
     let name_b = format!("{b_name}.{b_name}");
     wait_for("volume counted", Duration::from_secs(10), logs, || {
@@ -406,17 +466,26 @@ async fn agents_register_storagepools_and_the_controller_places_on_discovered_ag
     // Metrics of the controller: the create counted, pools as gauges, leader 1.
     let scrape = http_get(metrics, "/metrics");
     assert_eq!(
-        sample(&scrape, "cinderblock_csi_rpc_total{rpc=\"CreateVolume\",code=\"OK\"}"),
+        sample(
+            &scrape,
+            "cinderblock_csi_rpc_total{rpc=\"CreateVolume\",code=\"OK\"}"
+        ),
         Some(1.0),
         "{scrape}"
     );
     assert!(
-        sample(&scrape, "cinderblock_csi_rpc_duration_seconds_count{rpc=\"CreateVolume\"}")
-            .is_some_and(|n| n >= 1.0),
+        sample(
+            &scrape,
+            "cinderblock_csi_rpc_duration_seconds_count{rpc=\"CreateVolume\"}"
+        )
+        .is_some_and(|n| n >= 1.0),
         "{scrape}"
     );
     assert_eq!(
-        sample(&scrape, &format!("cinderblock_controller_pool_total_bytes{{pool=\"{b_name}#{b_name}\"}}")),
+        sample(
+            &scrape,
+            &format!("cinderblock_controller_pool_total_bytes{{pool=\"{b_name}#{b_name}\"}}")
+        ),
         Some((6u64 << 30) as f64),
         "{scrape}"
     );
@@ -489,7 +558,9 @@ async fn volume_backup_completes_and_volume_restore_yields_a_bound_pvc() {
     );
     let vol = create_retrying(&csi, &format!("pvc-src-{s}"), None, Duration::from_secs(40)).await;
     let img = agent.pool_dir.join(format!("volume-{}.img", vol.volume_id));
-    let data: Vec<u8> = (0..300_000u32).map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8).collect();
+    let data: Vec<u8> = (0..300_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
     write_image(&img, &data);
     let pv = format!("pv-src-{s}");
     let pvc = format!("src-{s}");
@@ -510,11 +581,16 @@ async fn volume_backup_completes_and_volume_restore_yields_a_bound_pvc() {
         &["apply", "-f", "-"],
         &format!("apiVersion: cinderblock.dev/v1alpha1\nkind: VolumeBackup\nmetadata:\n  name: {vb}\n  namespace: {ns}\nspec:\n  pvcName: {pvc}\n"),
     );
-    let done = wait_for("VolumeBackup completed", Duration::from_secs(90), logs, || {
-        let v = get_json(&["volumebackup", "-n", ns, &vb])?;
-        assert_ne!(v["status"]["phase"], "Failed", "{v:#}");
-        (v["status"]["phase"] == "Completed").then_some(v)
-    });
+    let done = wait_for(
+        "VolumeBackup completed",
+        Duration::from_secs(90),
+        logs,
+        || {
+            let v = get_json(&["volumebackup", "-n", ns, &vb])?;
+            assert_ne!(v["status"]["phase"], "Failed", "{v:#}");
+            (v["status"]["phase"] == "Completed").then_some(v)
+        },
+    );
     let st = &done["status"];
     assert_eq!(st["backupId"], done["metadata"]["uid"]);
     assert_eq!(st["volumeId"], vol.volume_id.as_str());
@@ -522,13 +598,19 @@ async fn volume_backup_completes_and_volume_restore_yields_a_bound_pvc() {
     assert_eq!(st["sizeBytes"], 64 << 20);
     assert_eq!(st["progress"], "100%");
     assert!(st["storedBytes"].as_u64().unwrap() > 0, "{st:#}");
-    assert!(st["duration"].as_str().is_some_and(|d| d.ends_with('s')), "{st:#}");
+    assert!(
+        st["duration"].as_str().is_some_and(|d| d.ends_with('s')),
+        "{st:#}"
+    );
     assert_eq!(
         done["metadata"]["finalizers"],
         serde_json::json!(["cinderblock.dev/backup-protection"])
     );
     let backup_id = st["backupId"].as_str().unwrap().to_owned();
-    assert!(repo.join(&backup_id).exists(), "backup container in the repository");
+    assert!(
+        repo.join(&backup_id).exists(),
+        "backup container in the repository"
+    );
 
     // The restore into a new PVC.
     let vr = format!("vr-{s}");
@@ -537,11 +619,16 @@ async fn volume_backup_completes_and_volume_restore_yields_a_bound_pvc() {
         &["apply", "-f", "-"],
         &format!("apiVersion: cinderblock.dev/v1alpha1\nkind: VolumeRestore\nmetadata:\n  name: {vr}\n  namespace: {ns}\nspec:\n  backupName: {vb}\n  pvcName: {restored_pvc}\n  storageClassName: {sc}\n"),
     );
-    let restored = wait_for("VolumeRestore completed", Duration::from_secs(120), logs, || {
-        let v = get_json(&["volumerestore", "-n", ns, &vr])?;
-        assert_ne!(v["status"]["phase"], "Failed", "{v:#}");
-        (v["status"]["phase"] == "Completed").then_some(v)
-    });
+    let restored = wait_for(
+        "VolumeRestore completed",
+        Duration::from_secs(120),
+        logs,
+        || {
+            let v = get_json(&["volumerestore", "-n", ns, &vr])?;
+            assert_ne!(v["status"]["phase"], "Failed", "{v:#}");
+            (v["status"]["phase"] == "Completed").then_some(v)
+        },
+    );
     let claim = get_json(&["pvc", "-n", ns, &restored_pvc]).unwrap();
     assert_eq!(claim["status"]["phase"], "Bound");
     let pv_name = restored["status"]["pvName"].as_str().unwrap();
@@ -551,7 +638,8 @@ async fn volume_backup_completes_and_volume_restore_yields_a_bound_pvc() {
     assert_eq!(new_pv["spec"]["csi"]["driver"], "csi.cinderblock.dev");
     assert_eq!(new_pv["spec"]["csi"]["volumeHandle"], new_id);
     assert_eq!(
-        new_pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]["values"],
+        new_pv["spec"]["nodeAffinity"]["required"]["nodeSelectorTerms"][0]["matchExpressions"][0]
+            ["values"],
         serde_json::json!(["zone-a"])
     );
     assert_ne!(new_id, vol.volume_id);
@@ -560,20 +648,36 @@ async fn volume_backup_completes_and_volume_restore_yields_a_bound_pvc() {
 
     // Backup throughput is visible... and the RPCs the reconcilers made are not CSI calls.
     let scrape = http_get(metrics, "/metrics");
-    assert!(scrape.contains("cinderblock_controller_leader 1"), "{scrape}");
+    assert!(
+        scrape.contains("cinderblock_controller_leader 1"),
+        "{scrape}"
+    );
 
     // Deleting the VolumeBackup deletes the backup (finalizer), then the object goes.
-    kubectl_ok(&["delete", "volumebackup", "-n", ns, &vb, "--wait=false"], "");
+    kubectl_ok(
+        &["delete", "volumebackup", "-n", ns, &vb, "--wait=false"],
+        "",
+    );
     wait_for("VolumeBackup gone", Duration::from_secs(30), logs, || {
-        get_json(&["volumebackup", "-n", ns, &vb]).is_none().then_some(())
+        get_json(&["volumebackup", "-n", ns, &vb])
+            .is_none()
+            .then_some(())
     });
-    assert!(!repo.join(&backup_id).exists(), "backup deleted from the repository");
+    assert!(
+        !repo.join(&backup_id).exists(),
+        "backup deleted from the repository"
+    );
     for args in [
         vec!["delete", "volumerestore", "-n", ns, &vr],
         vec!["delete", "pvc", "-n", ns, &restored_pvc, &pvc],
         vec!["delete", "pv", pv_name, &pv],
         vec!["delete", "storageclass", &sc],
-        vec!["delete", "storagepool", "-l", &format!("cinderblock.dev/agent={name}")],
+        vec![
+            "delete",
+            "storagepool",
+            "-l",
+            &format!("cinderblock.dev/agent={name}"),
+        ],
     ] {
         kubectl_ok(&args, "");
     }
@@ -629,12 +733,17 @@ async fn killing_the_leader_hands_over_within_the_lease_duration_without_lost_or
     let logs = move || {
         ["one", "two"]
             .iter()
-            .map(|id| std::fs::read_to_string(log_dir.join(format!("controller-{id}.log"))).unwrap_or_default())
+            .map(|id| {
+                std::fs::read_to_string(log_dir.join(format!("controller-{id}.log")))
+                    .unwrap_or_default()
+            })
             .collect::<Vec<_>>()
             .join("\n---\n")
     };
-    let leader = wait_for("a leader", Duration::from_secs(20), &logs, || lease_holder(&lease));
-    let mut replicas = vec![("one", csi1, m1, Some(c1)), ("two", csi2, m2, Some(c2))];
+    let leader = wait_for("a leader", Duration::from_secs(20), &logs, || {
+        lease_holder(&lease)
+    });
+    let mut replicas = [("one", csi1, m1, Some(c1)), ("two", csi2, m2, Some(c2))];
     if leader == "two" {
         replicas.swap(0, 1);
     }
@@ -651,7 +760,11 @@ async fn killing_the_leader_hands_over_within_the_lease_duration_without_lost_or
         .await
         .unwrap();
     let scrape = http_get(replicas[1].2, "/metrics");
-    assert_eq!(sample(&scrape, "cinderblock_controller_leader"), Some(0.0), "{scrape}");
+    assert_eq!(
+        sample(&scrape, "cinderblock_controller_leader"),
+        Some(0.0),
+        "{scrape}"
+    );
 
     // Creates through both replicas, as a provisioner on each would send them; the leader is
     // SIGKILLed after the fifth.
@@ -664,7 +777,13 @@ async fn killing_the_leader_hands_over_within_the_lease_duration_without_lost_or
             sigkill(pid);
             let killed_at = Instant::now();
             // The next create goes to the survivor, retried while UNAVAILABLE.
-            let v = create_retrying(&replicas[1].1, name, None, Duration::from_secs(LEASE_SECS * 3)).await;
+            let v = create_retrying(
+                &replicas[1].1,
+                name,
+                None,
+                Duration::from_secs(LEASE_SECS * 3),
+            )
+            .await;
             assert!(!v.volume_id.is_empty());
             handover = Some(killed_at.elapsed());
             continue;
@@ -690,7 +809,10 @@ async fn killing_the_leader_hands_over_within_the_lease_duration_without_lost_or
     for dir in [&agent.pool_dir, &agent2.pool_dir] {
         for e in std::fs::read_dir(dir).unwrap() {
             let f = e.unwrap().file_name().to_string_lossy().into_owned();
-            if let Some(id) = f.strip_prefix("volume-").and_then(|r| r.strip_suffix(".json")) {
+            if let Some(id) = f
+                .strip_prefix("volume-")
+                .and_then(|r| r.strip_suffix(".json"))
+            {
                 got.push(id.to_owned());
             }
         }

@@ -45,10 +45,7 @@ impl AgentSet {
 
     /// Adds `agent`, or replaces the agent of the same name (a new endpoint).
     pub fn insert(&self, agent: Arc<dyn StorageAgent>) {
-        let mut cur = self
-            .current
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut cur = self.current.write().unwrap_or_else(PoisonError::into_inner);
         let mut map = AgentMap::clone(&cur);
         map.insert(agent.name().to_owned(), agent);
         *cur = Arc::new(map);

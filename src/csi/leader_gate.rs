@@ -67,10 +67,10 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         if is_mutating(req.uri().path()) && !self.leadership.is_leader() {
-            let holder = self
-                .leadership
-                .holder()
-                .map_or_else(|| "none elected yet".to_owned(), |h| format!("the leader is {h}"));
+            let holder = self.leadership.holder().map_or_else(
+                || "none elected yet".to_owned(),
+                |h| format!("the leader is {h}"),
+            );
             let status = tonic::Status::unavailable(format!(
                 "this controller replica is not the leader ({holder}); retry"
             ));

@@ -143,9 +143,11 @@ impl Collector for ControllerMetrics {
         self.rpcs.write(out);
         let pools = self.controller.pool_reports();
         let gauges: [(&str, &str, PoolValue); 5] = [
-            ("total_bytes", "Total capacity of the pool as last reported.", |p| {
-                known(p.total)
-            }),
+            (
+                "total_bytes",
+                "Total capacity of the pool as last reported.",
+                |p| known(p.total),
+            ),
             (
                 "free_bytes",
                 "Free capacity of the pool, less placements since its last report.",

@@ -51,8 +51,7 @@ use super::KubeError;
 use crate::agent_rpc::backups::{BackupAgent, GrpcBackupAgent, NewBackup, ProgressStream};
 use crate::agent_rpc::client::{AgentClientError, AgentErrorKind};
 use crate::controller::{
-    Access, AccessMode, Capability, CapacityRange, Controller, ControllerError, CreateVolume,
-    Zones,
+    Access, AccessMode, Capability, CapacityRange, Controller, ControllerError, CreateVolume, Zones,
 };
 use crate::csi::{DRIVER_NAME, TOPOLOGY_ZONE_KEY};
 use crate::tls::ClientTls;
@@ -211,11 +210,7 @@ pub fn restore_volume_name(vr: &VolumeRestore) -> Option<String> {
 
 /// Reads `name`, lets `f` change its status, writes it back with the `resourceVersion` read
 /// (409 → read again, a few times). Returns the object written.
-pub async fn update_status<K>(
-    api: &Api<K>,
-    name: &str,
-    f: impl Fn(&mut K),
-) -> Result<K, KubeError>
+pub async fn update_status<K>(api: &Api<K>, name: &str, f: impl Fn(&mut K)) -> Result<K, KubeError>
 where
     K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
 {
@@ -370,32 +365,28 @@ async fn apply_backup(
         force: vb.spec.force,
     };
     let outcome = match agent.create_backup(req).await {
-        Ok(stream) => follow(stream, |done, total, stored| {
-            let progress = percent(done, total);
-            async move {
-                set_backup(api, name, |s| {
-                    s.progress = Some(progress.clone());
-                    s.stored_bytes = Some(stored);
-                    s.stored = Some(human(stored));
-                })
-                .await
-                .map(drop)
-            }
-        })
-        .await?,
+        Ok(stream) => {
+            follow(stream, |done, total, stored| {
+                let progress = percent(done, total);
+                async move {
+                    set_backup(api, name, |s| {
+                        s.progress = Some(progress.clone());
+                        s.stored_bytes = Some(stored);
+                        s.stored = Some(human(stored));
+                    })
+                    .await
+                    .map(drop)
+                }
+            })
+            .await?
+        }
         Err(e) => Err(e),
     };
     match outcome {
         Ok(b) => {
             let now = Timestamp::now();
             set_backup(api, name, |s| {
-                *s = completed(
-                    s.clone(),
-                    b.volume_size,
-                    b.stored_bytes,
-                    &b.parent_id,
-                    now,
-                );
+                *s = completed(s.clone(), b.volume_size, b.stored_bytes, &b.parent_id, now);
                 s.repository = Some(b.repository.clone());
             })
             .await?;
@@ -701,15 +692,17 @@ async fn apply_restore(
     .await?;
     let agent = ctx.agent(&volume.agent).await?;
     let outcome = match agent.restore_backup(&backup, &vid).await {
-        Ok(stream) => follow(stream, |done, total, _| {
-            let progress = percent(done, total);
-            async move {
-                set_restore(api, name, |s| s.progress = Some(progress.clone()))
-                    .await
-                    .map(drop)
-            }
-        })
-        .await?,
+        Ok(stream) => {
+            follow(stream, |done, total, _| {
+                let progress = percent(done, total);
+                async move {
+                    set_restore(api, name, |s| s.progress = Some(progress.clone()))
+                        .await
+                        .map(drop)
+                }
+            })
+            .await?
+        }
         Err(e) => Err(e),
     };
     match outcome {
@@ -731,7 +724,11 @@ async fn apply_restore(
         .accessible_topology
         .first()
         .and_then(|t| t.segments.get(TOPOLOGY_ZONE_KEY).cloned());
-    let size = Quantity(Bytes(u64::try_from(pb.capacity_bytes).unwrap_or(0)).get().to_string());
+    let size = Quantity(
+        Bytes(u64::try_from(pb.capacity_bytes).unwrap_or(0))
+            .get()
+            .to_string(),
+    );
     let pv = PersistentVolume {
         metadata: ObjectMeta {
             name: Some(pv_name.clone()),

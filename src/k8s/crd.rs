@@ -10,6 +10,10 @@
 //! apiserver rejects a spec with a missing required field, a wrong type or an unknown enum
 //! value before any reconciler sees it.
 
+// Clippy's `duplicated_attributes` reads each `printcolumn(type_ = "string", ...)` of the
+// `#[kube]` derive as a repeated attribute; they are separate columns.
+#![allow(clippy::duplicated_attributes)]
+
 use std::collections::BTreeMap;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -39,12 +43,30 @@ pub const GROUP: &str = "cinderblock.dev";
     printcolumn(name = "Backend", type_ = "string", json_path = ".spec.backend"),
     printcolumn(name = "Total", type_ = "string", json_path = ".status.capacity.total"),
     printcolumn(name = "Free", type_ = "string", json_path = ".status.capacity.free"),
-    printcolumn(name = "Provisioned", type_ = "string", json_path = ".status.capacity.provisioned"),
+    printcolumn(
+        name = "Provisioned",
+        type_ = "string",
+        json_path = ".status.capacity.provisioned"
+    ),
     printcolumn(name = "Volumes", type_ = "integer", json_path = ".status.volumeCount"),
     printcolumn(name = "Health", type_ = "string", json_path = ".status.health"),
-    printcolumn(name = "Heartbeat", type_ = "date", json_path = ".status.lastHeartbeat", priority = 1),
-    printcolumn(name = "Endpoint", type_ = "string", json_path = ".spec.endpoint", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Heartbeat",
+        type_ = "date",
+        json_path = ".status.lastHeartbeat",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Endpoint",
+        type_ = "string",
+        json_path = ".spec.endpoint",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct StoragePoolSpec {
@@ -176,14 +198,27 @@ pub struct PoolCapacity {
     status = "VolumeBackupStatus",
     doc = "A backup (Cinder's backup) of the volume bound to a PersistentVolumeClaim.",
     printcolumn(name = "PVC", type_ = "string", json_path = ".spec.pvcName"),
-    printcolumn(name = "Incremental", type_ = "boolean", json_path = ".spec.incremental"),
+    printcolumn(
+        name = "Incremental",
+        type_ = "boolean",
+        json_path = ".spec.incremental"
+    ),
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
     printcolumn(name = "Size", type_ = "string", json_path = ".status.size"),
     printcolumn(name = "Stored", type_ = "string", json_path = ".status.stored"),
     printcolumn(name = "Duration", type_ = "string", json_path = ".status.duration"),
-    printcolumn(name = "Backup", type_ = "string", json_path = ".status.backupId", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Backup",
+        type_ = "string",
+        json_path = ".status.backupId",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeBackupSpec {
@@ -299,7 +334,11 @@ pub struct VolumeBackupStatus {
     printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
     printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
     printcolumn(name = "PV", type_ = "string", json_path = ".status.pvName"),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct VolumeRestoreSpec {
@@ -368,7 +407,37 @@ pub struct VolumeRestoreStatus {
 /// The CRDs of every Cinderblock resource, in a fixed order.
 pub fn crds() -> Vec<CustomResourceDefinition> {
     use kube::CustomResourceExt;
-    vec![StoragePool::crd(), VolumeBackup::crd(), VolumeRestore::crd()]
+    let mut crds = vec![
+        StoragePool::crd(),
+        VolumeBackup::crd(),
+        VolumeRestore::crd(),
+    ];
+    for crd in &mut crds {
+        for v in &mut crd.spec.versions {
+            let status = v
+                .schema
+                .as_mut()
+                .and_then(|s| s.open_api_v3_schema.as_mut())
+                .and_then(|s| s.properties.as_mut())
+                .and_then(|p| p.get_mut("status"));
+            if let Some(status) = status {
+                strip_defaults(status);
+            }
+        }
+    }
+    crds
+}
+
+/// Removes every `default` under a status schema: only Cinderblock writes statuses, always
+/// whole, so defaults there serve nothing, and the 1.20 apiserver rejects the empty-string
+/// defaults the derived schema would carry ("must be of type string: null").
+fn strip_defaults(
+    schema: &mut k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::JSONSchemaProps,
+) {
+    schema.default = None;
+    for p in schema.properties.iter_mut().flat_map(|m| m.values_mut()) {
+        strip_defaults(p);
+    }
 }
 
 /// Errors of rendering the CRDs.
@@ -526,7 +595,9 @@ mod tests {
     fn yaml_has_three_documents_and_round_trips() {
         let text = crds_yaml().expect("yaml");
         assert!(text.starts_with(CRD_HEADER));
-        let body = text.trim_start_matches(CRD_HEADER).trim_start_matches("---\n");
+        let body = text
+            .trim_start_matches(CRD_HEADER)
+            .trim_start_matches("---\n");
         let parsed: Vec<CustomResourceDefinition> = body
             .split("\n---\n")
             .map(|d| serde_saphyr::from_str(d).expect("parse back"))

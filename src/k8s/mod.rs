@@ -130,7 +130,9 @@ pub async fn start_controller(
         leader::Leadership::always()
     };
     let directory = Arc::new(discovery::AgentDirectory::new(
-        cfg.agents.iter().map(|a| (a.name.clone(), a.endpoint.clone())),
+        cfg.agents
+            .iter()
+            .map(|a| (a.name.clone(), a.endpoint.clone())),
     ));
     if kube_cfg.discover_agents {
         let d = discovery::Discovery {

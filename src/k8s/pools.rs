@@ -219,10 +219,7 @@ mod tests {
 
     #[test]
     fn object_names_are_dns_subdomains_and_distinct() {
-        let cases = [
-            ("stor1", "thin1", "stor1.thin1"),
-            ("a", "b", "a.b"),
-        ];
+        let cases = [("stor1", "thin1", "stor1.thin1"), ("a", "b", "a.b")];
         for (agent, pool, want) in cases {
             assert_eq!(object_name(agent, pool), want);
         }
@@ -230,14 +227,18 @@ mod tests {
         assert!(odd.starts_with("stor-1.pool-a-"), "{odd}");
         assert_eq!(odd.len(), "stor-1.pool-a-".len() + 8);
         // Two names that clean up to the same text stay distinct.
-        assert_ne!(object_name("Stor_1", "Pool_A"), object_name("stor-1", "pool-a"));
+        assert_ne!(
+            object_name("Stor_1", "Pool_A"),
+            object_name("stor-1", "pool-a")
+        );
         assert_ne!(object_name("a_", "b"), object_name("a-", "b"));
         let long = object_name(&"x".repeat(200), &"y".repeat(200));
         assert!(long.len() <= MAX_NAME, "{}", long.len());
         let valid = |n: &str| {
             n.split('.').all(|l| {
                 !l.is_empty()
-                    && l.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                    && l.bytes()
+                        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
                     && !l.starts_with('-')
                     && !l.ends_with('-')
             })
@@ -254,7 +255,7 @@ mod tests {
             (1000, "1000"),
             (1024, "1Ki"),
             (12 << 30, "12Gi"),
-            ((23 << 29) as u64, "11.5Gi"),
+            (23u64 << 29, "11.5Gi"),
             (512 << 20, "512Mi"),
             (3 << 40, "3Ti"),
         ];
@@ -288,7 +289,7 @@ capabilities = { media = "ssd" }"#,
         let now: Timestamp = "2026-11-02T10:00:00Z".parse().expect("time");
         let r = report(Ok(PoolStats {
             total: Capacity::Known(Bytes::gib(12)),
-            free: Capacity::Known(Bytes((23 << 29) as u64)),
+            free: Capacity::Known(Bytes(23u64 << 29)),
             provisioned: Bytes::mib(512),
             allocated: Bytes::mib(100),
             volume_count: 3,
@@ -300,7 +301,7 @@ capabilities = { media = "ssd" }"#,
             StoragePoolStatus {
                 capacity: PoolCapacity {
                     total_bytes: Some(12 << 30),
-                    free_bytes: Some((23 << 29) as u64),
+                    free_bytes: Some(23u64 << 29),
                     provisioned_bytes: 512 << 20,
                     allocated_bytes: 100 << 20,
                     total: "12Gi".into(),
@@ -327,7 +328,10 @@ capabilities = { media = "ssd" }"#,
         );
         assert_eq!(spec.backend, PoolBackend::LvmThin);
         assert_eq!(spec.endpoint, "tcp://10.0.0.1:9700");
-        assert_eq!(spec.capabilities.get("media").map(String::as_str), Some("ssd"));
+        assert_eq!(
+            spec.capabilities.get("media").map(String::as_str),
+            Some("ssd")
+        );
 
         let bad = pool_status(&report(Err("vgs failed".into())), now);
         assert_eq!(bad.health, Some(PoolHealth::Unhealthy));
@@ -360,12 +364,32 @@ capabilities = { media = "ssd" }"#,
     fn discovery_takes_fresh_agents_only() {
         let now: Timestamp = "2026-11-02T10:01:00Z".parse().expect("time");
         let pools = vec![
-            sp("a.p1", "a", "tcp://10.0.0.1:9700", Some("2026-11-02T10:00:50Z")),
-            sp("a.p2", "a", "tcp://10.0.0.1:9700", Some("2026-11-02T10:00:40Z")),
-            sp("b.p", "b", "tcp://10.0.0.2:9700", Some("2026-11-02T09:59:00Z")),
+            sp(
+                "a.p1",
+                "a",
+                "tcp://10.0.0.1:9700",
+                Some("2026-11-02T10:00:50Z"),
+            ),
+            sp(
+                "a.p2",
+                "a",
+                "tcp://10.0.0.1:9700",
+                Some("2026-11-02T10:00:40Z"),
+            ),
+            sp(
+                "b.p",
+                "b",
+                "tcp://10.0.0.2:9700",
+                Some("2026-11-02T09:59:00Z"),
+            ),
             sp("c.p", "c", "tcp://10.0.0.3:9700", None),
             sp("d.p", "d", "not an endpoint", Some("2026-11-02T10:00:59Z")),
-            sp("a.p3", "a", "tcp://10.9.9.9:9700", Some("2026-11-02T10:00:30Z")),
+            sp(
+                "a.p3",
+                "a",
+                "tcp://10.9.9.9:9700",
+                Some("2026-11-02T10:00:30Z"),
+            ),
         ];
         let (agents, skipped) = discovered_agents(&pools, now, Duration::from_secs(60));
         assert_eq!(
@@ -378,7 +402,10 @@ capabilities = { media = "ssd" }"#,
         assert_eq!(
             skipped,
             vec![
-                ("d.p".to_owned(), Skipped::BadEndpoint("not an endpoint".into())),
+                (
+                    "d.p".to_owned(),
+                    Skipped::BadEndpoint("not an endpoint".into())
+                ),
                 (
                     "a.p3".to_owned(),
                     Skipped::ConflictingEndpoints(
@@ -386,7 +413,12 @@ capabilities = { media = "ssd" }"#,
                         "tcp://10.9.9.9:9700".into()
                     )
                 ),
-                ("b.p".to_owned(), Skipped::Stale { age_secs: Some(120) }),
+                (
+                    "b.p".to_owned(),
+                    Skipped::Stale {
+                        age_secs: Some(120)
+                    }
+                ),
                 ("c.p".to_owned(), Skipped::Stale { age_secs: None }),
             ]
         );
