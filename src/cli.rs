@@ -64,6 +64,8 @@ pub enum Command {
     /// Backups through the controller (Cinder's backup-create/-list/-show/-delete/-restore/
     /// -export/-import).
     Backup(crate::ops::backup::BackupArgs),
+    /// Print the CustomResourceDefinitions (StoragePool, VolumeBackup, VolumeRestore) as YAML.
+    Crds,
 }
 
 /// Flags shared by every role.

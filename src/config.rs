@@ -151,6 +151,12 @@ pub struct ControllerConfig {
     /// TLS credentials for every agent reached over `tcp://` (`[agent_tls]`); agents on
     /// `unix://` sockets are dialled in plain text.
     pub agent_tls: Option<AgentClientTlsConfig>,
+    /// Where the Prometheus metrics endpoint listens (`GET /metrics`, `GET /healthz`,
+    /// "address:port"); off when absent.
+    pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Kubernetes integration (`[kubernetes]`): agent discovery from StoragePools, leader
+    /// election, the VolumeBackup/VolumeRestore reconcilers. Off when absent.
+    pub kubernetes: Option<ControllerKubeConfig>,
 }
 
 impl Default for ControllerConfig {
@@ -166,6 +172,8 @@ impl Default for ControllerConfig {
             scheduler: crate::scheduler::SchedulerConfig::default(),
             stats_interval_secs: 10,
             agent_tls: None,
+            metrics_listen: None,
+            kubernetes: None,
         }
     }
 }
@@ -196,6 +204,9 @@ impl ControllerConfig {
         }
         if let Some(tls) = &self.agent_tls {
             tls.validate(&format!("{prefix}agent_tls."))?;
+        }
+        if let Some(k) = &self.kubernetes {
+            k.validate(&format!("{prefix}kubernetes."))?;
         }
         if let Err(e) = self.scheduler.validate() {
             return Err(invalid(format!("{prefix}scheduler"), e.to_string()));
@@ -514,6 +525,9 @@ pub struct AgentConfig {
     pub backup: BackupConfig,
     /// Where backups are stored.
     pub backup_repositories: Vec<BackupRepositoryConfig>,
+    /// Registration of the agent's pools as StoragePool objects (`[kubernetes]`); off when
+    /// absent.
+    pub kubernetes: Option<AgentKubeConfig>,
 }
 
 impl Default for AgentConfig {
@@ -529,6 +543,7 @@ impl Default for AgentConfig {
             pools: Vec::new(),
             backup: BackupConfig::default(),
             backup_repositories: Vec::new(),
+            kubernetes: None,
         }
     }
 }
@@ -559,6 +574,9 @@ impl AgentConfig {
                 format!("{prefix}reconcile_interval_secs"),
                 "must be at least 1",
             ));
+        }
+        if let Some(k) = &self.kubernetes {
+            k.validate(&format!("{prefix}kubernetes."), &self.listen)?;
         }
         let mut names = BTreeSet::new();
         for (i, p) in self.pools.iter().enumerate() {
@@ -619,7 +637,9 @@ impl AgentConfig {
 
     fn validate_backup(&self, prefix: &str) -> Result<(), ConfigError> {
         let b = &self.backup;
-        if b.chunk_size % (32 << 10) != 0 || !((64 << 10)..=(64 << 20)).contains(&b.chunk_size) {
+        if !b.chunk_size.is_multiple_of(32 << 10)
+            || !((64 << 10)..=(64 << 20)).contains(&b.chunk_size)
+        {
             return Err(invalid(
                 format!("{prefix}backup.chunk_size"),
                 "must be a multiple of 32 KiB between 64 KiB and 64 MiB",
@@ -726,6 +746,9 @@ pub struct NodeConfig {
     /// How long NodeStageVolume waits for a disk after the login (and NodeExpandVolume for
     /// the new size), in seconds.
     pub attach_timeout_secs: u64,
+    /// Where the Prometheus metrics endpoint listens (`GET /metrics`, `GET /healthz`,
+    /// "address:port"); off when absent.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl Default for NodeConfig {
@@ -739,6 +762,7 @@ impl Default for NodeConfig {
             max_volumes_per_node: 64,
             chap_key_file: None,
             attach_timeout_secs: 30,
+            metrics_listen: None,
         }
     }
 }
@@ -801,6 +825,166 @@ impl AllConfig {
             ));
         }
         self.node.validate("node.")
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Kubernetes
+
+/// The agent's `[kubernetes]`: one StoragePool per pool, heartbeated.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AgentKubeConfig {
+    /// A kubeconfig file; absent: `$KUBECONFIG` or `~/.kube/config` when present, else
+    /// in-cluster (the pod's service account).
+    pub kubeconfig: Option<PathBuf>,
+    /// The Kubernetes node the agent runs on (recorded in each StoragePool); default:
+    /// `$NODE_NAME` when set.
+    pub node_name: Option<String>,
+    /// The agent API endpoint the controller dials (default: `listen`; required when
+    /// `listen` is a wildcard address such as `0.0.0.0`).
+    pub advertise_endpoint: Option<Endpoint>,
+    /// Seconds between two heartbeats (status writes).
+    pub heartbeat_interval_secs: u64,
+}
+
+impl Default for AgentKubeConfig {
+    fn default() -> Self {
+        AgentKubeConfig {
+            kubeconfig: None,
+            node_name: None,
+            advertise_endpoint: None,
+            heartbeat_interval_secs: 10,
+        }
+    }
+}
+
+impl AgentKubeConfig {
+    fn validate(&self, prefix: &str, listen: &Endpoint) -> Result<(), ConfigError> {
+        if self.heartbeat_interval_secs == 0 {
+            return Err(invalid(
+                format!("{prefix}heartbeat_interval_secs"),
+                "must be at least 1",
+            ));
+        }
+        let wildcard = matches!(listen, Endpoint::Tcp(a) if a.starts_with("0.0.0.0:") || a.starts_with("[::]:"));
+        if self.advertise_endpoint.is_none() && wildcard {
+            return Err(invalid(
+                format!("{prefix}advertise_endpoint"),
+                format!(
+                    "`listen` is the wildcard {listen}: say which address the controller dials"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The endpoint advertised in StoragePools.
+    pub fn advertised(&self, listen: &Endpoint) -> Endpoint {
+        self.advertise_endpoint
+            .clone()
+            .unwrap_or_else(|| listen.clone())
+    }
+}
+
+/// Leader election of controller replicas through a `coordination.k8s.io/v1` Lease.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LeaderElectionConfig {
+    /// Elect a leader; off: this replica always leads (one replica only!).
+    pub enabled: bool,
+    /// The Lease's name.
+    pub lease_name: String,
+    /// The Lease's namespace; default: `$POD_NAMESPACE`, else `default`.
+    pub namespace: Option<String>,
+    /// This replica's identity; default: `$POD_NAME`, else the host name.
+    pub identity: Option<String>,
+    /// How long a Lease holds without renewal before another replica may take it.
+    pub lease_duration_secs: u64,
+    /// How long the leader keeps trying to renew before it steps down (less than the lease
+    /// duration, so it stops before anyone else can start).
+    pub renew_deadline_secs: u64,
+    /// Seconds between two attempts to acquire or renew.
+    pub retry_period_secs: u64,
+}
+
+impl Default for LeaderElectionConfig {
+    fn default() -> Self {
+        LeaderElectionConfig {
+            enabled: true,
+            lease_name: "cinderblock-controller".into(),
+            namespace: None,
+            identity: None,
+            lease_duration_secs: 15,
+            renew_deadline_secs: 10,
+            retry_period_secs: 2,
+        }
+    }
+}
+
+/// The controller's `[kubernetes]`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ControllerKubeConfig {
+    /// A kubeconfig file; absent: `$KUBECONFIG` or `~/.kube/config` when present, else
+    /// in-cluster (the pod's service account).
+    pub kubeconfig: Option<PathBuf>,
+    /// Add the agents of StoragePools with a fresh heartbeat to the static `agents`.
+    pub discover_agents: bool,
+    /// Seconds between two listings of the StoragePools.
+    pub discovery_interval_secs: u64,
+    /// A StoragePool whose heartbeat is older than this many seconds is ignored.
+    pub pool_stale_after_secs: u64,
+    /// Run the VolumeBackup and VolumeRestore reconcilers (on the leader).
+    pub backups: bool,
+    /// `[kubernetes.leader_election]`.
+    pub leader_election: LeaderElectionConfig,
+}
+
+impl Default for ControllerKubeConfig {
+    fn default() -> Self {
+        ControllerKubeConfig {
+            kubeconfig: None,
+            discover_agents: true,
+            discovery_interval_secs: 10,
+            pool_stale_after_secs: 60,
+            backups: true,
+            leader_election: LeaderElectionConfig::default(),
+        }
+    }
+}
+
+impl ControllerKubeConfig {
+    fn validate(&self, prefix: &str) -> Result<(), ConfigError> {
+        for (key, v) in [
+            ("discovery_interval_secs", self.discovery_interval_secs),
+            ("pool_stale_after_secs", self.pool_stale_after_secs),
+        ] {
+            if v == 0 {
+                return Err(invalid(format!("{prefix}{key}"), "must be at least 1"));
+            }
+        }
+        let le = &self.leader_election;
+        let key = |k: &str| format!("{prefix}leader_election.{k}");
+        if le.lease_name.is_empty() {
+            return Err(invalid(key("lease_name"), "must not be empty"));
+        }
+        if le.retry_period_secs == 0 {
+            return Err(invalid(key("retry_period_secs"), "must be at least 1"));
+        }
+        if le.renew_deadline_secs <= le.retry_period_secs {
+            return Err(invalid(
+                key("renew_deadline_secs"),
+                "must be greater than retry_period_secs",
+            ));
+        }
+        if le.lease_duration_secs <= le.renew_deadline_secs {
+            return Err(invalid(
+                key("lease_duration_secs"),
+                "must be greater than renew_deadline_secs (a leader must stop before its lease can be taken)",
+            ));
+        }
+        Ok(())
     }
 }
 

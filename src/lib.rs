@@ -15,6 +15,7 @@ pub mod controller;
 pub mod csi;
 pub mod exec;
 pub mod health;
+pub mod k8s;
 pub mod logging;
 pub mod metrics;
 pub mod node;

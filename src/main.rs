@@ -114,6 +114,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Pool(args) => runtime()?.block_on(ops::operator::pool(args))?,
         Command::Type(args) => runtime()?.block_on(ops::operator::volume_type(args))?,
         Command::Backup(args) => runtime()?.block_on(ops::backup::backup(args))?,
+        Command::Crds => print!("{}", cinderblock::k8s::crd::crds_yaml()?),
     }
     Ok(())
 }

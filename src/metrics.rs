@@ -120,6 +120,76 @@ impl CounterVec {
     }
 }
 
+/// Latency buckets (seconds) for RPC histograms: 5 ms to 5 min.
+pub const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0,
+];
+
+/// One series of a histogram: a count per bucket (not cumulative), their sum and count.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct HistogramData {
+    /// Observations in each bucket (those above the last bucket are only in `count`).
+    pub counts: Vec<u64>,
+    /// Sum of the observations.
+    pub sum: f64,
+    /// Number of observations.
+    pub count: u64,
+}
+
+/// Observations per combination of label values, bounded like [`CounterVec`].
+#[derive(Debug)]
+pub struct HistogramVec {
+    labels: &'static [&'static str],
+    buckets: &'static [f64],
+    max_series: usize,
+    // Label values → data. Locked briefly, never across an `.await`.
+    series: Mutex<BTreeMap<Vec<String>, HistogramData>>,
+}
+
+impl HistogramVec {
+    /// A histogram over `labels` with upper bounds `buckets` (ascending).
+    pub fn new(
+        labels: &'static [&'static str],
+        buckets: &'static [f64],
+        max_series: usize,
+    ) -> Self {
+        HistogramVec {
+            labels,
+            buckets,
+            max_series,
+            series: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// Records `value` in the series of `values`.
+    pub fn observe(&self, values: &[&str], value: f64) {
+        let mut key: Vec<String> = values.iter().map(|v| (*v).to_owned()).collect();
+        let mut series = self.series.lock().unwrap_or_else(PoisonError::into_inner);
+        if !series.contains_key(&key) && series.len() >= self.max_series {
+            key = vec![OVERFLOW_LABEL.to_owned(); self.labels.len()];
+        }
+        let data = series.entry(key).or_insert_with(|| HistogramData {
+            counts: vec![0; self.buckets.len()],
+            ..HistogramData::default()
+        });
+        if let Some(i) = self.buckets.iter().position(|le| value <= *le) {
+            data.counts[i] += 1;
+        }
+        data.sum += value;
+        data.count += 1;
+    }
+
+    /// Every series, sorted by label values.
+    pub fn snapshot(&self) -> Vec<(Vec<String>, HistogramData)> {
+        self.series
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // The text format
 
@@ -130,6 +200,8 @@ pub enum Kind {
     Counter,
     /// Goes up and down.
     Gauge,
+    /// Observations in cumulative buckets (`_bucket`, `_sum`, `_count` samples).
+    Histogram,
 }
 
 /// A scrape's answer being written: families of samples in the text exposition format.
@@ -144,6 +216,7 @@ impl Exposition {
         let kind = match kind {
             Kind::Counter => "counter",
             Kind::Gauge => "gauge",
+            Kind::Histogram => "histogram",
         };
         let help = help.replace('\\', "\\\\").replace('\n', "\\n");
         let _ = writeln!(self.text, "# HELP {name} {help}");
@@ -152,6 +225,11 @@ impl Exposition {
 
     /// One sample of the current family.
     pub fn sample(&mut self, name: &str, labels: &[(&str, &str)], value: u64) {
+        self.sample_text(name, labels, &value.to_string());
+    }
+
+    /// One sample whose value is already formatted (floats, `+Inf`).
+    fn sample_text(&mut self, name: &str, labels: &[(&str, &str)], value: &str) {
         self.text.push_str(name);
         if !labels.is_empty() {
             self.text.push('{');
@@ -186,6 +264,33 @@ impl Exposition {
         }
     }
 
+    /// A histogram family from a [`HistogramVec`] (seconds).
+    pub fn histogram_vec(&mut self, name: &str, help: &str, h: &HistogramVec) {
+        self.family(name, Kind::Histogram, help);
+        for (values, data) in h.snapshot() {
+            let mut labels: Vec<(&str, &str)> = h
+                .labels
+                .iter()
+                .copied()
+                .zip(values.iter().map(String::as_str))
+                .collect();
+            let bucket = format!("{name}_bucket");
+            let bounds: Vec<String> = h.buckets.iter().map(f64::to_string).collect();
+            let mut cumulative = 0;
+            for (i, le) in bounds.iter().enumerate() {
+                cumulative += data.counts.get(i).copied().unwrap_or(0);
+                labels.push(("le", le));
+                self.sample(&bucket, &labels, cumulative);
+                labels.pop();
+            }
+            labels.push(("le", "+Inf"));
+            self.sample(&bucket, &labels, data.count);
+            labels.pop();
+            self.sample_text(&format!("{name}_sum"), &labels, &data.sum.to_string());
+            self.sample(&format!("{name}_count"), &labels, data.count);
+        }
+    }
+
     /// The text written so far.
     pub fn into_text(self) -> String {
         self.text
@@ -211,6 +316,12 @@ fn escape_label(v: &str) -> String {
 pub trait Collector: Send + Sync {
     /// Writes the current values.
     async fn collect(&self, out: &mut Exposition);
+
+    /// What `GET /healthz` answers: `Ok` (200 `ok`) or why not (503). Default: the process
+    /// answers, so it is alive.
+    async fn healthy(&self) -> Result<(), String> {
+        Ok(())
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -221,6 +332,8 @@ pub trait Collector: Send + Sync {
 enum Route {
     /// `GET /metrics` (`head_only` for `HEAD`).
     Metrics { head_only: bool },
+    /// `GET /healthz`.
+    Healthz { head_only: bool },
     /// Another path.
     NotFound,
     /// Another method.
@@ -247,10 +360,10 @@ fn route(head: &str) -> Route {
         "HEAD" => true,
         _ => return Route::MethodNotAllowed,
     };
-    if path == "/metrics" {
-        Route::Metrics { head_only }
-    } else {
-        Route::NotFound
+    match path {
+        "/metrics" => Route::Metrics { head_only },
+        "/healthz" => Route::Healthz { head_only },
+        _ => Route::NotFound,
     }
 }
 
@@ -329,6 +442,10 @@ async fn answer(mut stream: TcpStream, collector: &dyn Collector) -> std::io::Re
             collector.collect(&mut out).await;
             ("200 OK", "", out.into_text(), head_only)
         }
+        Route::Healthz { head_only } => match collector.healthy().await {
+            Ok(()) => ("200 OK", "", "ok\n".to_owned(), head_only),
+            Err(why) => ("503 Service Unavailable", "", format!("{why}\n"), head_only),
+        },
         Route::NotFound => (
             "404 Not Found",
             "",
@@ -374,6 +491,10 @@ mod tests {
                 Route::Metrics { head_only: true },
             ),
             ("GET / HTTP/1.1\r\n\r\n", Route::NotFound),
+            (
+                "GET /healthz HTTP/1.1\r\n\r\n",
+                Route::Healthz { head_only: false },
+            ),
             ("GET /metricsx HTTP/1.1\r\n\r\n", Route::NotFound),
             ("POST /metrics HTTP/1.1\r\n\r\n", Route::MethodNotAllowed),
             ("GET /metrics\r\n\r\n", Route::BadRequest),
@@ -397,6 +518,26 @@ mod tests {
             "# HELP a_total Things.\\nMore.\n# TYPE a_total counter\na_total 3\n\
              # HELP b_bytes Bytes by pool.\n# TYPE b_bytes gauge\n\
              b_bytes{pool=\"p\\\"1\\\\\\n\",x=\"y\"} 42\n"
+        );
+    }
+
+    #[test]
+    fn histogram_text() {
+        static B: &[f64] = &[0.1, 1.0];
+        let h = HistogramVec::new(&["rpc"], B, 8);
+        h.observe(&["A"], 0.0625);
+        h.observe(&["A"], 0.5);
+        h.observe(&["A"], 3.0);
+        let mut out = Exposition::default();
+        out.histogram_vec("d_seconds", "D.", &h);
+        assert_eq!(
+            out.into_text(),
+            "# HELP d_seconds D.\n# TYPE d_seconds histogram\n\
+             d_seconds_bucket{rpc=\"A\",le=\"0.1\"} 1\n\
+             d_seconds_bucket{rpc=\"A\",le=\"1\"} 2\n\
+             d_seconds_bucket{rpc=\"A\",le=\"+Inf\"} 3\n\
+             d_seconds_sum{rpc=\"A\"} 3.5625\n\
+             d_seconds_count{rpc=\"A\"} 3\n"
         );
     }
 

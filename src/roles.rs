@@ -15,9 +15,12 @@ use crate::config::{AgentConfig, AgentRef, AllConfig, ControllerConfig, NodeConf
 use crate::controller::{Controller, ControllerError, Settings};
 use crate::csi::controller::ControllerService;
 use crate::csi::identity::{IdentityService, Services};
+use crate::csi::leader_gate::LeaderGate;
+use crate::csi::metrics::{ControllerMetrics, NodeMetrics, Observed, RpcMetrics};
 use crate::csi::node::NodeService;
 use crate::exec::Runner;
 use crate::health::{self, Dependency, HealthError, Readiness};
+use crate::k8s::leader::Leadership;
 use crate::metrics::{self, MetricsError};
 use crate::node::iscsi::IscsiInitiator;
 use crate::node::mounter::LinuxMounter;
@@ -62,6 +65,9 @@ pub enum RoleError {
     /// The metrics endpoint could not listen.
     #[error(transparent)]
     Metrics(#[from] MetricsError),
+    /// The Kubernetes API is unusable (configuration, client).
+    #[error("Kubernetes")]
+    Kube(#[from] crate::k8s::KubeError),
 }
 
 /// At least one configured storage agent answers its Identity `Probe` with ready.
@@ -129,11 +135,32 @@ pub async fn run_controller(
         controller: true,
         node: false,
     };
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     tracing::info!(endpoint = %cfg.endpoint, agents = cfg.agents.len(), agent_tls = tls.is_some(), "controller serving");
-    let (controller, operator) = controller_service(&cfg, tls.as_ref(), shutdown.clone()).await?;
+    let (controller, operator, core) =
+        controller_service(&cfg, tls.as_ref(), shutdown.clone()).await?;
+    let leadership = match &cfg.kubernetes {
+        Some(k) => {
+            crate::k8s::start_controller(&cfg, k, core.clone(), tls.clone(), shutdown.clone())
+                .await?
+        }
+        None => Leadership::always(),
+    };
+    let rpcs = Arc::new(RpcMetrics::default());
+    if let Some(listener) = metrics_listener {
+        let collector = Arc::new(ControllerMetrics {
+            rpcs: rpcs.clone(),
+            controller: core,
+            leadership: leadership.clone(),
+        });
+        tokio::spawn(metrics::serve(listener, collector, shutdown.clone()));
+    }
     let router = Server::builder()
-        .add_service(identity(services, readiness))
-        .add_service(controller)
+        .add_service(Observed::new(identity(services, readiness), rpcs.clone()))
+        .add_service(Observed::new(LeaderGate::new(controller, leadership), rpcs))
         .add_service(operator.clone());
     serve_with_operator(
         router,
@@ -191,6 +218,7 @@ async fn controller_service(
     (
         ControllerServer<ControllerService>,
         OperatorServer<OperatorService>,
+        Arc<Controller>,
     ),
     RoleError,
 > {
@@ -205,7 +233,8 @@ async fn controller_service(
     tokio::spawn(controller.clone().run_refresh(interval, shutdown));
     Ok((
         ControllerServer::new(ControllerService::new(controller.clone())),
-        OperatorServer::new(OperatorService::new(controller)),
+        OperatorServer::new(OperatorService::new(controller.clone())),
+        controller,
     ))
 }
 
@@ -231,11 +260,20 @@ pub async fn run_node(cfg: NodeConfig, shutdown: CancellationToken) -> Result<()
         controller: false,
         node: true,
     };
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let node = node_service(&cfg, key).await;
+    let rpcs = Arc::new(RpcMetrics::default());
+    if let Some(listener) = metrics_listener {
+        let collector = Arc::new(NodeMetrics(rpcs.clone()));
+        tokio::spawn(metrics::serve(listener, collector, shutdown.clone()));
+    }
     tracing::info!(endpoint = %cfg.endpoint, node = %cfg.node_name, zone = %cfg.zone, "node serving");
     let router = Server::builder()
-        .add_service(identity(services, readiness))
-        .add_service(node);
+        .add_service(Observed::new(identity(services, readiness), rpcs.clone()))
+        .add_service(Observed::new(node, rpcs));
     transport::serve(router, &cfg.endpoint, shutdown).await?;
     Ok(())
 }
@@ -344,6 +382,25 @@ async fn run_agent_with_key(
     }
     let every = Duration::from_secs(cfg.reconcile_interval_secs.max(1));
     let reconciler = tokio::spawn(agent.clone().reconcile_loop(every, shutdown.clone()));
+    if let Some(k) = &cfg.kubernetes {
+        let client = crate::k8s::client(k.kubeconfig.as_deref()).await?;
+        let reg = crate::k8s::registration::Registration {
+            agent: cfg.name.clone(),
+            endpoint: k.advertised(&cfg.listen),
+            node_name: k
+                .node_name
+                .clone()
+                .or_else(|| std::env::var("NODE_NAME").ok().filter(|n| !n.is_empty())),
+            interval: Duration::from_secs(k.heartbeat_interval_secs),
+        };
+        tracing::info!(endpoint = %reg.endpoint, "registering pools as StoragePools");
+        tokio::spawn(crate::k8s::registration::run(
+            client,
+            agent.clone(),
+            reg,
+            shutdown.clone(),
+        ));
+    }
     let rpcs = Arc::new(RpcCounts::default());
     if let Some(listener) = metrics_listener {
         let collector = Arc::new(AgentMetrics::new(agent.clone(), rpcs.clone()));
@@ -431,7 +488,7 @@ pub async fn run_all(
         node: !without_node,
     };
     tracing::info!(%endpoint, node = !without_node, "all-in-one serving");
-    let (controller, operator) =
+    let (controller, operator, _) =
         controller_service(&cfg.controller, tls.as_ref(), shutdown.clone()).await?;
     let node = if without_node {
         None

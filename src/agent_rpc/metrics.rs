@@ -151,13 +151,13 @@ fn known(c: Capacity) -> Option<u64> {
 }
 
 /// The method of a gRPC path (`/pkg.Service/Method` → `Method`).
-fn method_of(path: &str) -> &str {
+pub(crate) fn method_of(path: &str) -> &str {
     path.rsplit('/').next().unwrap_or_default()
 }
 
 /// The gRPC code a response starts with: its `grpc-status` header (errors are sent
 /// trailers-only), else OK (the status follows in the trailers).
-fn code_of(headers: &http::HeaderMap) -> &'static str {
+pub(crate) fn code_of(headers: &http::HeaderMap) -> &'static str {
     let Some(v) = headers.get("grpc-status") else {
         return "OK";
     };

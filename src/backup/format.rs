@@ -328,7 +328,7 @@ impl Metadata {
                 format!("block_size {} is not {BLOCK_SIZE}", self.block_size),
             ));
         }
-        if self.chunk_size == 0 || self.chunk_size % BLOCK_SIZE != 0 {
+        if self.chunk_size == 0 || !self.chunk_size.is_multiple_of(BLOCK_SIZE) {
             return Err(format_err(
                 object,
                 format!(

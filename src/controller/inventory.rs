@@ -122,7 +122,7 @@ impl Controller {
     /// is on two agents (an interrupted retype migration) the source copy is shown, as the
     /// index does.
     async fn current_volumes(&self) -> BTreeMap<String, (VolumeEntry, Option<String>)> {
-        let answers = futures::future::join_all(self.agents.iter().map(|(name, a)| {
+        let answers = futures::future::join_all(self.agents.snapshot().iter().map(|(name, a)| {
             let a = a.clone();
             async move { (name.clone(), a.list_volumes().await) }
         }))
@@ -209,7 +209,7 @@ impl Controller {
         max_entries: usize,
         token: &str,
     ) -> Result<Page<SnapshotView>, ControllerError> {
-        let answers = futures::future::join_all(self.agents.iter().map(|(name, a)| {
+        let answers = futures::future::join_all(self.agents.snapshot().iter().map(|(name, a)| {
             let a = a.clone();
             async move { (name.clone(), a.list_snapshots().await) }
         }))

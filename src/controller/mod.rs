@@ -19,6 +19,7 @@
 //! per-name guard. The one lock ([`Controller::state`]) is never held across `.await`.
 
 mod backups;
+mod agents;
 pub mod guard;
 mod inventory;
 pub mod model;
@@ -48,6 +49,7 @@ pub use backups::{
     backup_id_for, is_backup_id, merge as merge_backups, new_backup_id, BackupEntry, BackupRequest,
     NewRestoreVolume, ProgressStream, RestoreTarget, SnapshotKind, Started, BACKUP_ID_PREFIX,
 };
+pub use agents::{AgentMap, AgentSet};
 pub use guard::{Guards, Operation};
 pub use inventory::*;
 pub use model::*;
@@ -262,7 +264,7 @@ struct State {
 /// The controller.
 #[derive(Debug)]
 pub struct Controller {
-    agents: BTreeMap<String, Arc<dyn StorageAgent>>,
+    agents: AgentSet,
     scheduler: Scheduler,
     settings: Settings,
     // Protects the routing index and the pool statistics; held only for in-memory updates,
@@ -337,10 +339,7 @@ impl Controller {
             }
         }
         Ok(Controller {
-            agents: agents
-                .into_iter()
-                .map(|a| (a.name().to_owned(), a))
-                .collect(),
+            agents: AgentSet::new(agents),
             scheduler,
             settings,
             state: Mutex::new(State::default()),
@@ -352,10 +351,24 @@ impl Controller {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn agent(&self, name: &str) -> Result<&Arc<dyn StorageAgent>, ControllerError> {
+    fn agent(&self, name: &str) -> Result<Arc<dyn StorageAgent>, ControllerError> {
         self.agents
             .get(name)
             .ok_or_else(|| ControllerError::Internal(format!("agent {name:?} is not configured")))
+    }
+
+    /// Adds an agent found after start (a Kubernetes StoragePool), or replaces the agent of
+    /// the same name when its endpoint changed. It is listed at the next refresh.
+    pub fn add_agent(&self, agent: Arc<dyn StorageAgent>) {
+        let name = agent.name().to_owned();
+        self.agents.insert(agent);
+        // Listed again from the new client before its volumes are trusted.
+        self.state().synced.remove(&name);
+    }
+
+    /// The names of the agents the controller reaches now.
+    pub fn agent_names(&self) -> Vec<String> {
+        self.agents.snapshot().keys().cloned().collect()
     }
 
     /// The volume type called `name` (`None`: the default type).
@@ -392,7 +405,7 @@ impl Controller {
 
     /// Lists one agent's pools, volumes and snapshots into the index.
     pub async fn sync_agent(&self, name: &str) -> Result<(), ControllerError> {
-        let agent = self.agent(name)?.clone();
+        let agent = self.agent(name)?;
         let asked = Instant::now();
         let pools = agent
             .list_pools()
@@ -446,7 +459,7 @@ impl Controller {
     /// Syncs every agent; returns the failures (the controller keeps serving without them).
     pub async fn sync_all(&self) -> Vec<ControllerError> {
         let mut failures = Vec::new();
-        for name in self.agents.keys() {
+        for name in self.agents.snapshot().keys() {
             if let Err(e) = self.sync_agent(name).await {
                 tracing::warn!(agent = %name, error = %e, "cannot list agent");
                 failures.push(e);
@@ -460,6 +473,7 @@ impl Controller {
         let missing: Vec<String> = {
             let st = self.state();
             self.agents
+                .snapshot()
                 .keys()
                 .filter(|a| !st.synced.contains(*a))
                 .cloned()
@@ -481,7 +495,7 @@ impl Controller {
     /// Refreshes pool statistics from every agent. An agent that does not answer has its pools
     /// marked unhealthy (the scheduler then skips them) until it answers again.
     pub async fn refresh_pools(&self) {
-        for (name, agent) in &self.agents {
+        for (name, agent) in self.agents.snapshot().iter() {
             let asked = Instant::now();
             let answer = agent.list_pools().await;
             if let Err(e) = &answer {

@@ -11,3 +11,5 @@ pub const DRIVER_NAME: &str = "csi.cinderblock.dev";
 
 /// The topology key carrying a volume's or node's availability zone.
 pub const TOPOLOGY_ZONE_KEY: &str = "topology.cinderblock.dev/zone";
+pub mod leader_gate;
+pub mod metrics;

@@ -264,7 +264,7 @@ pub fn human_size(bytes: u64) -> String {
     ];
     for (unit, size) in UNITS {
         if bytes >= size {
-            return if bytes % size == 0 {
+            return if bytes.is_multiple_of(size) {
                 format!("{}{unit}", bytes / size)
             } else {
                 format!("{:.1}{unit}", bytes as f64 / size as f64)

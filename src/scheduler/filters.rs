@@ -161,7 +161,7 @@ struct Size(u64);
 
 impl fmt::Display for Size {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.0 % Bytes::MIB == 0 || self.0 < Bytes::MIB {
+        if self.0.is_multiple_of(Bytes::MIB) || self.0 < Bytes::MIB {
             write!(f, "{}", Bytes(self.0))
         } else {
             write!(f, "{:.2}GiB", Bytes(self.0).as_gib_f64())
