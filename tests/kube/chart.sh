@@ -7,9 +7,9 @@
 #
 # Steps: chart-render (tests/kube/render, Helm's engine rebuilt from Debian's Go packages)
 # with the default values and with tests/kube/fixtures/values-full.yaml; the generated TOML
-# parsed and compared with the values; the chart's CRDs (deploy/helm/cinderblock/crds/, may
+# parsed and compared with the values; the README's example values and objects; the chart's CRDs (deploy/helm/cinderblock/crds/, may
 # be empty) and the test-only snapshot CRDs applied for real; every rendered object, and the
-# README's examples, through `kubectl apply --dry-run=server`; finally a deliberately broken
+# README's example objects, through `kubectl apply --dry-run=server`; finally a deliberately broken
 # object must be rejected (proof that the dry run validates).
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
@@ -27,11 +27,21 @@ trap cleanup EXIT
 t_all=$(now)
 RENDER=$(bash "$CB_KUBE/build-render.sh")
 
+# The README's install example: its values file and the objects a user creates.
+readme_block() {  # MARKER: the lines between "<<'MARKER'" and "MARKER" in README.md
+  awk -v m="$1" 'index($0, "<<'"'"'" m "'"'"'") { on = 1; next } on && $0 == m { exit } on' "$CB_REPO/README.md"
+}
+readme_block VALUES >"$OUT/readme-values.yaml"
+readme_block OBJECTS >"$OUT/readme-objects.yaml"
+[ -s "$OUT/readme-values.yaml" ] && [ -s "$OUT/readme-objects.yaml" ] ||
+  kube_die "README.md has no <<'VALUES' / <<'OBJECTS' example blocks"
+
 # ---- render --------------------------------------------------------------------------
 t=$(now)
 "$RENDER" --name cinderblock --namespace cinderblock-system "$CHART" >"$OUT/default.yaml"
 "$RENDER" --name cinderblock --namespace cinderblock-system --notes "$CHART" >"$OUT/notes.txt"
 "$RENDER" --name storage --namespace storage-system -f "$FIX/values-full.yaml" "$CHART" >"$OUT/full.yaml"
+"$RENDER" --name cinderblock --namespace cinderblock-system -f "$OUT/readme-values.yaml" "$CHART" >"$OUT/readme.yaml"
 kinds() { grep -c '^kind: ' "$1" || true; }
 kube_log "rendered: default values $(kinds "$OUT/default.yaml") objects, full values $(kinds "$OUT/full.yaml") objects, in $(since "$t") s"
 [ -s "$OUT/notes.txt" ] || kube_die "NOTES.txt rendered empty"
@@ -52,6 +62,7 @@ refuse full.yaml "name: storage-cinderblock-chap"
 # The roles' TOML: parses, and says what the values say (types included).
 python3 "$CB_KUBE/check_chart_toml.py" "$OUT/default.yaml" "$CHART/values.yaml"
 python3 "$CB_KUBE/check_chart_toml.py" "$OUT/full.yaml" "$FIX/values-full.yaml"
+python3 "$CB_KUBE/check_chart_toml.py" "$OUT/readme.yaml" "$OUT/readme-values.yaml"
 
 # A chart that must refuse to render: a default volume type that does not exist.
 printf 'controller: {config: {defaultVolumeType: nope}}\n' >"$OUT/bad-values.yaml"
@@ -104,7 +115,8 @@ dry_run() {  # FILE NAMESPACE: every object accepted, one "(server dry run)" lin
 t=$(now)
 dry_run "$OUT/default.yaml" cinderblock-system
 dry_run "$OUT/full.yaml" storage-system
-dry_run "$FIX/examples.yaml" cinderblock-system
+dry_run "$OUT/readme.yaml" cinderblock-system
+dry_run "$OUT/readme-objects.yaml" cinderblock-system
 kube_log "dry runs in $(since "$t") s"
 
 # ---- the check can fail ---------------------------------------------------------------
