@@ -28,7 +28,7 @@ if [ ! -x "$dir/chart-render" ]; then
     ln -sfn "$d" "$tmp/gopath/src/$mod"
   done < <(find /usr/share/gocode/src -maxdepth 4 -name go.mod)
   (cd "$tmp/gopath/src/chart-render" &&
-    GO111MODULE=off GOPATH="$tmp/gopath:/usr/share/gocode" GOCACHE="$tmp/cache" GOFLAGS= \
+    GO111MODULE=off GOPATH="$tmp/gopath:/usr/share/gocode" GOCACHE="$tmp/cache" GOFLAGS='' \
       CGO_ENABLED=0 nice -n 10 go build -o "$tmp/chart-render" .) >&2
   mkdir -p "$tmp/out" && mv "$tmp/chart-render" "$tmp/out/"
   rm -rf "$dir" && mv "$tmp/out" "$dir"

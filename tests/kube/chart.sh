@@ -64,6 +64,24 @@ python3 "$CB_KUBE/check_chart_toml.py" "$OUT/default.yaml" "$CHART/values.yaml"
 python3 "$CB_KUBE/check_chart_toml.py" "$OUT/full.yaml" "$FIX/values-full.yaml"
 python3 "$CB_KUBE/check_chart_toml.py" "$OUT/readme.yaml" "$OUT/readme-values.yaml"
 
+# The same files for tests/chart_config.rs, which parses them with the roles' own parser
+# (run.sh runs it; by hand: CINDERBLOCK_CHART_TOML_DIR=DIR cargo test --test chart_config
+# -- --ignored). CINDERBLOCK_CHART_TOML_DIR names where to leave them.
+if [ -n "${CINDERBLOCK_CHART_TOML_DIR:-}" ]; then
+  mkdir -p "$CINDERBLOCK_CHART_TOML_DIR"
+  for r in default full readme; do
+    python3 - "$OUT/$r.yaml" "$CINDERBLOCK_CHART_TOML_DIR/$r" <<'PY'
+import sys, yaml
+for d in yaml.safe_load_all(open(sys.argv[1])):
+    if d and d["kind"] in ("ConfigMap", "Secret"):
+        for k, v in (d.get("data") or d.get("stringData") or {}).items():
+            if k.endswith(".toml"):
+                open(f"{sys.argv[2]}-{k}", "w").write(v)
+PY
+  done
+  kube_log "rendered TOML left in $CINDERBLOCK_CHART_TOML_DIR"
+fi
+
 # A chart that must refuse to render: a default volume type that does not exist.
 printf 'controller: {config: {defaultVolumeType: nope}}\n' >"$OUT/bad-values.yaml"
 if "$RENDER" -f "$OUT/bad-values.yaml" "$CHART" >/dev/null 2>"$OUT/bad.err"; then

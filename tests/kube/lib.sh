@@ -1,3 +1,4 @@
+# shellcheck shell=bash disable=SC2034
 # Shared settings for the Kubernetes test bed (tests/kube/). Sourced, never run.
 #
 # Everything built or downloaded lives under $CB_CACHE (~/.cache/cinderblock, or

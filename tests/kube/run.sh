@@ -4,8 +4,10 @@
 #   2. start etcd + kube-apiserver + kube-controller-manager (cluster.sh up --with-kcm)
 #   3. apply the chart's CRDs (deploy/helm/cinderblock/crds/, whatever is there)
 #   4. the chart: render + server-side dry run (chart.sh)
-#   5. hadolint on the Dockerfile
-#   6. the Rust tests that need an API server (tests/kube_api.rs, when it exists), with
+#   5. the chart's generated TOML parsed and validated by the roles' own parser
+#      (tests/chart_config.rs)
+#   6. hadolint on the Dockerfile
+#   7. the Rust tests that need an API server (tests/kube_api.rs, when it exists), with
 #      CINDERBLOCK_KUBECONFIG set
 # The control plane is stopped on exit, whatever happens. Stage durations are printed last.
 set -euo pipefail
@@ -59,6 +61,9 @@ stage "cluster up" bash "$CB_KUBE/cluster.sh" up "$RUN_DIR" --with-kcm
 # shellcheck disable=SC1091
 source "$RUN_DIR/env"
 stage "apply CRDs" apply_crds
+export CINDERBLOCK_CHART_TOML_DIR=$RUN_DIR/chart-toml
+rm -rf "$CINDERBLOCK_CHART_TOML_DIR"
 stage "chart check" bash "$CB_KUBE/chart.sh"
+stage "chart TOML vs schema" bash -c 'cd "$0" && nice -n 10 cargo test --release --test chart_config -- --ignored' "$CB_REPO"
 stage "hadolint" bash "$CB_KUBE/lint-dockerfile.sh"
 stage "rust kube_api tests" rust_tests
