@@ -19,17 +19,30 @@ FORCE=0
 case ${1:-} in --force) FORCE=1 ;; "") ;; *) kube_die "usage: build.sh [--force]" ;; esac
 
 BINS=(kube-apiserver kube-controller-manager)
+# Bump when the recipe below changes (patches, flags): cached binaries of another revision
+# are rebuilt.
+BUILD_REV=2
 have_all() {
   local b
   for b in "${BINS[@]}"; do [ -x "$KUBE_BIN/$b" ] || return 1; done
+  [ "$(cat "$KUBE_BIN/build-rev" 2>/dev/null)" = "$BUILD_REV" ] || return 1
   "$KUBE_BIN/kube-apiserver" --version 2>/dev/null | grep -qx "Kubernetes $KUBE_VERSION"
 }
+# One build at a time: a second caller waits for the first and then finds the cache.
+mkdir -p "$CB_CACHE"
+exec 9>"$CB_CACHE/kube-build.lock"
+if ! flock -n 9; then
+  kube_log "another build is running: waiting for it"
+  flock 9
+fi
 if [ $FORCE = 0 ] && have_all; then
   kube_log "cached: $KUBE_BIN ($("$KUBE_BIN/kube-apiserver" --version))"
   exit 0
 fi
 
-kube_apt_install golang-go golang-github-modern-go-reflect2-dev etcd-server dpkg-dev openssl python3
+# rsync and jq: the tree's own hack/ scripts (code generation) use them.
+kube_apt_install golang-go golang-github-modern-go-reflect2-dev etcd-server dpkg-dev openssl python3 \
+  rsync jq make
 command -v kubectl >/dev/null || kube_die "kubectl is not installed (the test bed uses the host's)"
 
 start=$(now)
@@ -73,6 +86,18 @@ find "$fixed" -maxdepth 1 -type f \( -name '*.go' -o -name '*.s' \) ! -name '*_t
   -exec cp {} "$vend/" \;
 kube_log "vendored reflect2 replaced by Debian's $(dpkg-query -W -f '${Version}' golang-github-modern-go-reflect2-dev)"
 
+# ---- generated code ----------------------------------------------------------------------
+# The OpenAPI definitions (pkg/generated/openapi) are not in the source tree: upstream's
+# Makefile generates them before every build (Debian's package builds only kubectl, through
+# the same Makefile). Run that one generator the upstream way.
+if [ ! -f "$tree/pkg/generated/openapi/zz_generated.openapi.go" ]; then
+  t=$(now)
+  rm -f "$tree/_output/bin/openapi-gen" # a failed earlier run leaves an empty stamp file
+  (cd "$tree" && GOCACHE=$work/gocache GOFLAGS='' nice -n 10 make gen_openapi) >"$work/gen-openapi.log" 2>&1 ||
+    { tail -n 30 "$work/gen-openapi.log" >&2; kube_die "make gen_openapi failed (log: $work/gen-openapi.log)"; }
+  kube_log "OpenAPI definitions generated in $(since "$t") s"
+fi
+
 # ---- go build --------------------------------------------------------------------------
 # Kubernetes 1.20 builds in GOPATH mode (its hack/lib/init.sh sets GO111MODULE=off; in
 # module mode Go 1.19 asks for go.mod updates that -mod=vendor forbids), with vendor/
@@ -80,10 +105,15 @@ kube_log "vendored reflect2 replaced by Debian's $(dpkg-query -W -f '${Version}'
 out=$work/out
 rm -rf "$out" && mkdir -p "$out" "$work/gopath/src/k8s.io"
 ln -sfn "$tree" "$work/gopath/src/k8s.io/kubernetes"
-ver_pkg=k8s.io/kubernetes/vendor/k8s.io/component-base/version
-ldflags="-s -w -X $ver_pkg.gitVersion=$KUBE_VERSION -X $ver_pkg.gitMajor=1"
-ldflags+=" -X $ver_pkg.gitMinor=$(echo "$KUBE_VERSION" | cut -d. -f2)"
-ldflags+=" -X $ver_pkg.gitTreeState=clean -X $ver_pkg.buildDate=1970-01-01T00:00:00Z"
+# The version, as upstream's hack/lib/version.sh stamps it: `--version` reads
+# component-base's copy, the API server's /version client-go's.
+ldflags="-s -w"
+for ver_pkg in k8s.io/kubernetes/vendor/k8s.io/component-base/version \
+  k8s.io/kubernetes/vendor/k8s.io/client-go/pkg/version; do
+  ldflags+=" -X $ver_pkg.gitVersion=$KUBE_VERSION -X $ver_pkg.gitMajor=1"
+  ldflags+=" -X $ver_pkg.gitMinor=$(echo "$KUBE_VERSION" | cut -d. -f2)"
+  ldflags+=" -X $ver_pkg.gitTreeState=clean -X $ver_pkg.buildDate=1970-01-01T00:00:00Z"
+done
 export GOPATH=$work/gopath GOCACHE=$work/gocache GO111MODULE=off CGO_ENABLED=0 GOFLAGS=
 kube_log "$(go version): building ${BINS[*]} (nice, $(nproc) cores)"
 for b in "${BINS[@]}"; do
@@ -95,6 +125,8 @@ done
 "$out/kube-apiserver" --version | grep -qx "Kubernetes $KUBE_VERSION" ||
   kube_die "built kube-apiserver reports '$("$out/kube-apiserver" --version)'"
 
+echo "$BUILD_REV" >"$out/build-rev"
+since "$start" >"$out/build-seconds" # from the source download to linked binaries
 # Atomic publish: a reader sees the old directory or the complete new one.
 rm -rf "$KUBE_BIN.new" && mv "$out" "$KUBE_BIN.new"
 rm -rf "$KUBE_BIN.old"
@@ -102,5 +134,4 @@ rm -rf "$KUBE_BIN.old"
 mv "$KUBE_BIN.new" "$KUBE_BIN" && rm -rf "$KUBE_BIN.old"
 # The tree and the Go build cache are big (~3 GB); the binaries are all we keep.
 rm -rf "$tree" "$GOCACHE" "$GOPATH"
-kube_log "cold build done in $(since "$start") s: $(ls "$KUBE_BIN")"
-echo "$(since "$start")" >"$KUBE_BIN/build-seconds"
+kube_log "built in $(cat "$KUBE_BIN/build-seconds") s (a cold build when nothing of kube-build/ was left): $KUBE_BIN"

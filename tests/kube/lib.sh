@@ -34,7 +34,7 @@ kube_apt_install() {
   local need
   mapfile -t need < <(kube_missing "$@")
   [ ${#need[@]} -eq 0 ] && return 0
-  if [ -z "$(ls /var/lib/apt/lists/ 2>/dev/null | grep _Packages)" ]; then
+  if ! compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; then
     kube_log "apt-get update"; apt-get update -q >/dev/null
   fi
   kube_log "apt-get install ${need[*]}"
