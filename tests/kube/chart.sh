@@ -14,7 +14,8 @@
 set -euo pipefail
 source "$(dirname "$0")/lib.sh"
 
-CHART=$CB_REPO/deploy/helm/cinderblock
+# CINDERBLOCK_CHART: another copy of the chart (e.g. with CRDs from a branch under work).
+CHART=${CINDERBLOCK_CHART:-$CB_REPO/deploy/helm/cinderblock}
 FIX=$CB_KUBE/fixtures
 OUT=$(mktemp -d "${TMPDIR:-/tmp}/cinderblock-chart.XXXXXX")
 own_cluster=""
