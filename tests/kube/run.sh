@@ -61,6 +61,7 @@ rust_tests() {
 }
 
 stage "build (cached)" bash "$CB_KUBE/build.sh"
+bash "$CB_KUBE/cluster.sh" down "$RUN_DIR" >&2 # left over from an interrupted run
 stage "cluster up" bash "$CB_KUBE/cluster.sh" up "$RUN_DIR" --with-kcm
 # shellcheck disable=SC1091
 source "$RUN_DIR/env"
