@@ -5,11 +5,13 @@
 #   make e2e             real-kernel tests in Debian VMs (LVM, iscsiadm, mounts)
 #   make e2e-up / e2e-down   a running two-VM stack for outside tools, and its teardown
 #   make bench           figures side by side with their baselines
+#   make kube            the Helm chart, the Dockerfile lint and the Rust tests against a real
+#                        kube-apiserver v1.20.2 (built from Debian's source once, then cached)
 SHELL := /bin/bash
 CARGO ?= cargo
 DEMO ?= host
 
-.PHONY: demo test deps lint unit e2e e2e-up e2e-down bench build release clean
+.PHONY: demo test deps lint unit e2e e2e-up e2e-down bench kube build release clean
 
 build:
 	$(CARGO) build
@@ -44,6 +46,9 @@ e2e-down:
 bench:
 	@bash scripts/bench.sh
 
+kube:
+	@bash tests/kube/run.sh
+
 clean:
 	$(CARGO) clean
-	rm -rf tests/e2e/.run
+	rm -rf tests/e2e/.run tests/kube/.run
