@@ -279,7 +279,7 @@ impl Controller {
         &self,
         volume: Option<&str>,
     ) -> Result<Vec<BackupEntry>, ControllerError> {
-        let answers = futures::future::join_all(self.agents.iter().map(|(name, a)| {
+        let answers = futures::future::join_all(self.agents.snapshot().iter().map(|(name, a)| {
             let a = a.clone();
             async move { (name.clone(), a.list_backups(volume).await) }
         }))
@@ -295,7 +295,7 @@ impl Controller {
                 }
             }
         }
-        if !silent.is_empty() && silent.len() == self.agents.len() {
+        if !silent.is_empty() && silent.len() == self.agents.snapshot().len() {
             return Err(ControllerError::IndexIncomplete(silent));
         }
         Ok(merge(reports))
@@ -304,7 +304,7 @@ impl Controller {
     /// One backup as every agent reports it, merged; `None` when no agent has it (and every
     /// agent answered: else UNAVAILABLE).
     async fn find_backup(&self, id: &BackupId) -> Result<Option<BackupEntry>, ControllerError> {
-        let answers = futures::future::join_all(self.agents.iter().map(|(name, a)| {
+        let answers = futures::future::join_all(self.agents.snapshot().iter().map(|(name, a)| {
             let a = a.clone();
             async move { (name.clone(), a.get_backup(id).await) }
         }))
@@ -355,7 +355,7 @@ impl Controller {
         if let Some(e) = self.lookup_volume(id).await? {
             return Ok(Some(e));
         }
-        for (name, agent) in &self.agents {
+        for (name, agent) in self.agents.snapshot().iter() {
             match agent.get_volume(id).await {
                 Ok(info) => return Ok(Some(self.remember_volume(name, info))),
                 Err(e) if e.kind == AgentErrorKind::NotFound => {}
@@ -385,7 +385,7 @@ impl Controller {
 
     /// Names of the agents that have repository `name`, in name order.
     async fn agents_with_repository(&self, name: &str) -> Vec<String> {
-        let answers = futures::future::join_all(self.agents.iter().map(|(agent, a)| {
+        let answers = futures::future::join_all(self.agents.snapshot().iter().map(|(agent, a)| {
             let a = a.clone();
             async move { (agent.clone(), a.list_backup_repositories().await) }
         }))
@@ -442,7 +442,7 @@ impl Controller {
         let mut deleted = false;
         // Each round deletes through one agent; agents whose repositories are not shared
         // with it still report the backup, and get their round.
-        for _ in 0..=self.agents.len() {
+        for _ in 0..=self.agents.snapshot().len() {
             let Some(entry) = self.find_backup(&id).await? else {
                 return Ok(deleted);
             };

@@ -167,6 +167,7 @@ pub fn retryable(kind: AgentErrorKind) -> bool {
         | AgentErrorKind::FailedPrecondition
         | AgentErrorKind::OutOfRange
         | AgentErrorKind::ResourceExhausted
+        | AgentErrorKind::DataLoss
         | AgentErrorKind::Internal => false,
     }
 }
