@@ -18,8 +18,8 @@
 //! call on the same object; since a volume's id is derived from its name, that is also the
 //! per-name guard. The one lock ([`Controller::state`]) is never held across `.await`.
 
-mod backups;
 mod agents;
+mod backups;
 pub mod guard;
 mod inventory;
 pub mod model;
@@ -45,11 +45,11 @@ use crate::scheduler::{
 };
 use crate::types::Bytes;
 
+pub use agents::{AgentMap, AgentSet};
 pub use backups::{
     backup_id_for, is_backup_id, merge as merge_backups, new_backup_id, BackupEntry, BackupRequest,
     NewRestoreVolume, ProgressStream, RestoreTarget, SnapshotKind, Started, BACKUP_ID_PREFIX,
 };
-pub use agents::{AgentMap, AgentSet};
 pub use guard::{Guards, Operation};
 pub use inventory::*;
 pub use model::*;
