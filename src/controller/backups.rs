@@ -134,9 +134,25 @@ pub fn merge(reports: Vec<(String, BackupInfo)>) -> Vec<BackupEntry> {
             }
         }
     }
-    let mut out: Vec<BackupEntry> = by_id.into_values().collect();
-    out.sort_by(|a, b| (a.info.created_at, &a.info.id).cmp(&(b.info.created_at, &b.info.id)));
-    out
+    // Creation times have whole seconds: within one second a parent still comes before the
+    // incrementals on top of it (its depth in the chain is smaller).
+    let depth = |id: &str| {
+        let mut d = 0usize;
+        let mut cur = by_id.get(id).and_then(|e| e.info.parent_id.as_deref());
+        while let Some(p) = cur.filter(|_| d < by_id.len()) {
+            d += 1;
+            cur = by_id.get(p).and_then(|e| e.info.parent_id.as_deref());
+        }
+        d
+    };
+    let mut keyed: Vec<(usize, BackupEntry)> = by_id
+        .values()
+        .map(|e| (depth(e.info.id.as_str()), e.clone()))
+        .collect();
+    keyed.sort_by(|(da, a), (db, b)| {
+        (a.info.created_at, *da, &a.info.id).cmp(&(b.info.created_at, *db, &b.info.id))
+    });
+    keyed.into_iter().map(|(_, e)| e).collect()
 }
 
 /// A backup to make (`cinderblock backup create`).
@@ -982,6 +998,28 @@ mod tests {
             bytes_done: 0,
             bytes_total: 0,
         }
+    }
+
+    #[test]
+    fn within_one_second_a_parent_is_listed_before_its_incrementals() {
+        use BackupState as S;
+        let mut inc1 = info("a-inc", S::Available, &[], 10);
+        inc1.parent_id = Some("z-full".into());
+        let mut inc2 = info("m-inc", S::Available, &[], 10);
+        inc2.parent_id = Some("a-inc".into());
+        let full = info("z-full", S::Available, &["a-inc"], 10);
+        let older = info("zz-old", S::Available, &[], 9);
+        let reports = vec![
+            ("a".to_string(), inc2),
+            ("a".to_string(), inc1),
+            ("a".to_string(), full),
+            ("a".to_string(), older),
+        ];
+        let ids: Vec<String> = merge(reports)
+            .into_iter()
+            .map(|e| e.info.id.to_string())
+            .collect();
+        assert_eq!(ids, ["zz-old", "z-full", "a-inc", "m-inc"]);
     }
 
     #[test]

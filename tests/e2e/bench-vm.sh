@@ -13,6 +13,9 @@
 # Prints `bench: NAME = VALUE UNIT (baseline NAME = VALUE UNIT, ratio R, goal G)` lines.
 # Boots the one-VM guest unless it runs already (then leaves it running).
 set -euo pipefail
+# Its own run directory by default: the share holds bin/cinderblock, and `make e2e-up` or
+# `make e2e` replacing it in the middle of a bench run would break the run.
+export CINDERBLOCK_E2E_RUN=${CINDERBLOCK_E2E_RUN:-$(cd "$(dirname "$0")" && pwd)/.run-bench}
 source "$(dirname "$0")/lib.sh"
 source "$CB_E2E/topology.sh"
 G=one

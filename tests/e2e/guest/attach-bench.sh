@@ -7,7 +7,8 @@
 # mount. Rounds are interleaved so drift hits both. Prints
 #   attach_round median_ms X     one per round (node service)
 #   raw_attach_ms X              one per manual attach
-#   attach_bench CONTROLLER_ENDPOINT ROUNDS PER_ROUND
+#   attach-bench.sh CONTROLLER_ENDPOINT ROUNDS PER_ROUND
+# CHAP_KEY: the agent's CHAP master key (default /etc/cinderblock/chap.key).
 set -euo pipefail
 source /mnt/host/e2e/agent-lib.sh
 CONTROLLER=$1 ROUNDS=$2 PER_ROUND=$3
@@ -16,7 +17,7 @@ NLOG=/mnt/host/logs/$(hostname)/node-bench.log
 D=/var/lib/cb-attach-bench
 
 cat >/run/node-bench.toml <<EON
-chap_key_file = "/etc/cinderblock/chap.key"
+chap_key_file = "${CHAP_KEY:-/etc/cinderblock/chap.key}"
 EON
 setsid "$CB" node -c /run/node-bench.toml --endpoint "$NODE_EP" >>"$NLOG" 2>&1 </dev/null &
 npid=$!
