@@ -18,7 +18,6 @@ use std::time::{Duration, Instant};
 use cinderblock::csi::TOPOLOGY_ZONE_KEY;
 use cinderblock::proto::csi as pb;
 use common::s3::S3Server;
-use pb::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
 use serde_json::Value;
 use stack::{AgentSpec, Stack, BIN};
 
@@ -116,17 +115,7 @@ async fn fails(stack: &Stack, args: &[&str]) -> String {
     r.stderr
 }
 
-fn mount() -> pb::VolumeCapability {
-    pb::VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: "ext4".into(),
-            ..Default::default()
-        })),
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-    }
-}
+use common::mount;
 
 fn in_zone(zone: &str) -> Option<pb::TopologyRequirement> {
     Some(pb::TopologyRequirement {

@@ -482,6 +482,17 @@ extra_specs = { media = "ssd", host = "comp" }
         NodeClient::new(ch)
     }
 
+    /// The compute VM's CSI node id.
+    async fn comp_node_id() -> String {
+        node_client()
+            .await
+            .node_get_info(pb::NodeGetInfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .node_id
+    }
+
     /// A volume of the storage VM attached to the compute VM.
     struct Attached {
         id: String,
@@ -775,13 +786,7 @@ extra_specs = { media = "ssd", host = "comp" }
         let ctl = Controller::start();
         let mut c = ctl.client().await;
         wait_both_pools(&mut c, &ctl).await;
-        let node_id = node_client()
-            .await
-            .node_get_info(pb::NodeGetInfoRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .node_id;
+        let node_id = comp_node_id().await;
 
         // Two volumes through the same portal: unstaging one leaves the other alone.
         let a = attach(&mut c, &node_id, "e2e-h-a", Some("ext4"), 64, true).await;
@@ -975,13 +980,7 @@ extra_specs = { media = "ssd", host = "comp" }
         let ctl = Controller::start();
         let mut c = ctl.client().await;
         wait_both_pools(&mut c, &ctl).await;
-        let node_id = node_client()
-            .await
-            .node_get_info(pb::NodeGetInfoRequest {})
-            .await
-            .unwrap()
-            .into_inner()
-            .node_id;
+        let node_id = comp_node_id().await;
         let a = attach(&mut c, &node_id, "e2e-bk", Some("ext4"), 64, true).await;
         assert_eq!(holder(&a.id), ["stor"]);
         let sha = comp_write(&format!("{}/file", a.target));

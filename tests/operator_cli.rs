@@ -19,7 +19,7 @@ use cinderblock::proto::agent as agent_pb;
 use cinderblock::proto::agent::agent_client::AgentClient;
 use cinderblock::proto::csi as pb;
 use cinderblock::transport::{self, Endpoint};
-use pb::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
+
 use serde_json::Value;
 use stack::{AgentSpec, Stack, BIN};
 
@@ -67,17 +67,7 @@ async fn cli_table(socket: &Path, args: &[&str]) -> String {
     run.stdout
 }
 
-fn mount() -> pb::VolumeCapability {
-    pb::VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: "ext4".into(),
-            ..Default::default()
-        })),
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-    }
-}
+use common::mount;
 
 fn create_req(name: &str, bytes: i64, volume_type: &str) -> pb::CreateVolumeRequest {
     pb::CreateVolumeRequest {

@@ -684,18 +684,7 @@ async fn call(
             );
         }
         AgentCtl::BackupImport { record, repository } => {
-            let record = if record == "-" {
-                let mut text = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|e| {
-                    OpsError::Io {
-                        path: "<stdin>".into(),
-                        source: e,
-                    }
-                })?;
-                text
-            } else {
-                record
-            };
+            let record = super::record_arg(record)?;
             let b = c
                 .import_backup_record(pb::ImportBackupRecordRequest {
                     record,

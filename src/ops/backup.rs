@@ -215,18 +215,7 @@ pub async fn backup(args: BackupArgs) -> Result<(), OpsError> {
             );
         }
         BackupCommand::Import { record, repository } => {
-            let record = if record == "-" {
-                let mut text = String::new();
-                std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|e| {
-                    OpsError::Io {
-                        path: "<stdin>".into(),
-                        source: e,
-                    }
-                })?;
-                text
-            } else {
-                record
-            };
+            let record = super::record_arg(record)?;
             let b = c
                 .import_backup_record(pb::ImportBackupRecordRequest {
                     record,

@@ -47,7 +47,7 @@ fn ms(d: Duration) -> f64 {
 }
 
 /// The value at quantile `q` (0..=1) of sorted `v`, nearest rank; 0 when empty.
-fn quantile(v: &[f64], q: f64) -> f64 {
+pub(super) fn quantile(v: &[f64], q: f64) -> f64 {
     if v.is_empty() {
         return 0.0;
     }

@@ -66,9 +66,10 @@ pub struct AttachReport {
     pub max_ms: f64,
 }
 
+/// The lower middle of `v` (nearest rank), 0 when empty.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    v.get(v.len().saturating_sub(1) / 2).copied().unwrap_or(0.0)
+    super::bench::quantile(&v, 0.5)
 }
 
 fn ms(d: Duration) -> f64 {

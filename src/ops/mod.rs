@@ -88,6 +88,19 @@ pub enum OpsError {
     },
 }
 
+/// A backup record given on the command line, or read from stdin when it is `-`.
+fn record_arg(record: String) -> Result<String, OpsError> {
+    if record != "-" {
+        return Ok(record);
+    }
+    let mut text = String::new();
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text).map_err(|e| OpsError::Io {
+        path: "<stdin>".into(),
+        source: e,
+    })?;
+    Ok(text)
+}
+
 fn rpc_err(rpc: &'static str) -> impl Fn(tonic::Status) -> OpsError {
     move |s| rpc_failure(rpc, s)
 }

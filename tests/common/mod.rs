@@ -73,3 +73,19 @@ pub fn run_ok(cmd: &mut Command) -> String {
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
+
+/// A single-node-writer ext4 mount capability, what most CSI requests in the tests ask for.
+pub fn mount() -> cinderblock::proto::csi::VolumeCapability {
+    use cinderblock::proto::csi::volume_capability::{
+        access_mode::Mode, AccessMode, AccessType, MountVolume,
+    };
+    cinderblock::proto::csi::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
