@@ -361,9 +361,17 @@ impl GrpcAgent {
     }
 }
 
+/// Deadline of a pool-statistics call: the agent answers from a report or two, so a longer
+/// wait means it is busy or stuck, and the caller keeps its last figures meanwhile.
+const STATS_TIMEOUT: Duration = Duration::from_secs(30);
+
 fn request<T>(msg: T) -> tonic::Request<T> {
+    request_within(msg, CALL_TIMEOUT)
+}
+
+fn request_within<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
-    r.set_timeout(CALL_TIMEOUT);
+    r.set_timeout(deadline);
     r
 }
 
@@ -534,7 +542,7 @@ impl StorageAgent for GrpcAgent {
     async fn list_pools(&self) -> Result<Vec<PoolStats>, AgentClientError> {
         let r = self
             .client()
-            .list_pools(request(pb::ListPoolsRequest {}))
+            .list_pools(request_within(pb::ListPoolsRequest {}, STATS_TIMEOUT))
             .await
             .map_err(from_status)?;
         Ok(r.into_inner().pools.into_iter().map(pool_from_pb).collect())

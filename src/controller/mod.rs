@@ -174,6 +174,10 @@ impl ControllerError {
     }
 }
 
+/// How long the last pool figures of an agent that answers too slowly (but does answer the
+/// network) still stand. Older, its pools are marked unhealthy like an unreachable agent's.
+pub const STATS_STALE_AFTER: Duration = Duration::from_secs(300);
+
 /// Default size of a volume whose request names none.
 pub const DEFAULT_VOLUME_SIZE: Bytes = Bytes::gib(1);
 
@@ -492,12 +496,20 @@ impl Controller {
         }
     }
 
-    /// Refreshes pool statistics from every agent. An agent that does not answer has its pools
-    /// marked unhealthy (the scheduler then skips them) until it answers again.
+    /// Refreshes pool statistics from every agent, all asked at once so that one slow agent
+    /// delays nobody else's figures. An agent that cannot be reached has its pools marked
+    /// unhealthy (the scheduler then skips them) until it answers again; one that is only slow
+    /// keeps its last figures until they are [`STATS_STALE_AFTER`] old.
     pub async fn refresh_pools(&self) {
-        for (name, agent) in self.agents.snapshot().iter() {
-            let asked = Instant::now();
-            let answer = agent.list_pools().await;
+        let agents = self.agents.snapshot();
+        let asked = Instant::now();
+        let answers = futures::future::join_all(
+            agents
+                .iter()
+                .map(|(name, agent)| async move { (name, agent.list_pools().await) }),
+        )
+        .await;
+        for (name, answer) in answers {
             if let Err(e) = &answer {
                 tracing::warn!(agent = %name, error = %e, "pool statistics unavailable");
             }
@@ -569,6 +581,16 @@ impl Controller {
                         st.pools.upsert(state);
                     }
                 }
+            }
+            Err(e)
+                if e.kind == AgentErrorKind::DeadlineExceeded
+                    && st
+                        .reported_at
+                        .get(agent)
+                        .is_some_and(|t| t.elapsed() < STATS_STALE_AFTER) =>
+            {
+                // Busy (a burst of creates queued on its VG), not gone: its last figures
+                // stand, and the charges of placements since then still apply.
             }
             Err(e) => {
                 let ids: Vec<PoolRef> = st

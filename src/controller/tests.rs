@@ -1291,6 +1291,19 @@ async fn inventory_of_snapshots_pools_and_types() {
         .pool_reports()
         .iter()
         .all(|p| p.stats_age.is_some_and(|a| a < Duration::from_secs(5))));
+    // Too slow to answer (a burst queued on its VG) is not down: the last figures stand.
+    agents[2].fail_next(
+        "list_pools",
+        AgentClientError::new(AgentErrorKind::DeadlineExceeded, "Timeout expired"),
+    );
+    c.refresh_pools().await;
+    let slow: Vec<(bool, Option<String>)> = c
+        .pool_reports()
+        .into_iter()
+        .filter(|p| p.id.agent == "c")
+        .map(|p| (p.healthy, p.unhealthy_reason))
+        .collect();
+    assert_eq!(slow, vec![(true, None)]);
     agents[2].set_down(true);
     c.refresh_pools().await;
     let down: Vec<(bool, Option<String>)> = c

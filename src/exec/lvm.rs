@@ -12,6 +12,8 @@
 //! patterns below were captured from LVM 2.03.16 (Debian bookworm, the guest's version) and
 //! are pinned by tests against `tests/fixtures/lvm/`.
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime};
 
 use serde::Deserialize;
@@ -22,8 +24,10 @@ use crate::types::Bytes;
 /// The program every LVM command goes through (`lvm lvs ...`, `lvm lvcreate ...`).
 pub const LVM: &str = "lvm";
 
-/// Deadline of one LVM command. Metadata operations take about a second in the test guest;
-/// the margin covers waiting for the VG lock behind another command.
+/// Deadline of one LVM command, counted from when it starts: commands that change a VG's
+/// metadata wait for their turn in [`lvm`] first, untimed. Metadata operations take about a
+/// second in the test guest; the margin covers a report waiting for LVM's VG lock behind the
+/// one running change.
 pub const LVM_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// `EINVALID_CMD_LINE`: the arguments were rejected before anything was done (a bad tag, a
@@ -115,14 +119,34 @@ pub enum LvmError {
 pub struct LvmCmd {
     args: Vec<String>,
     timeout: Duration,
+    /// The VG the command reads or changes.
+    vg: String,
+    /// Whether it changes the VG's metadata (reports do not).
+    changes: bool,
 }
 
 impl LvmCmd {
-    fn new(subcommand: &str) -> Self {
+    /// A command that changes the metadata of `vg`.
+    fn change(subcommand: &str, vg: &str) -> Self {
         LvmCmd {
             args: vec![subcommand.to_owned()],
             timeout: LVM_TIMEOUT,
+            vg: vg.to_owned(),
+            changes: true,
         }
+    }
+
+    /// A report on `vg`.
+    fn report(subcommand: &str, vg: &str) -> Self {
+        LvmCmd {
+            changes: false,
+            ..LvmCmd::change(subcommand, vg)
+        }
+    }
+
+    /// Whether the command changes its VG's metadata (and so waits for its turn in [`lvm`]).
+    pub fn changes_metadata(&self) -> bool {
+        self.changes
     }
 
     fn arg(mut self, a: impl Into<String>) -> Self {
@@ -166,9 +190,31 @@ impl LvmCmd {
     }
 }
 
+/// The queue of metadata changes to `vg` in this process.
+///
+/// LVM serialises changes to a VG with a file lock, but a command blocked on that lock has its
+/// deadline running: fifty concurrent creates made the last ones time out while they had not
+/// started. Waiting here instead (a fair queue) starts each deadline when the command runs,
+/// and one `lvm` process at a time scans the devices instead of fifty. Reports do not queue:
+/// they wait at most for the one change that is running.
+fn vg_queue(vg: &str) -> Arc<tokio::sync::Mutex<()>> {
+    /// One queue per VG name, made on first use and kept (a handful of VGs per agent). The
+    /// outer lock protects the map only and is never held across an await.
+    static QUEUES: LazyLock<std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>> =
+        LazyLock::new(Default::default);
+    let mut queues = QUEUES.lock().unwrap_or_else(|p| p.into_inner());
+    queues.entry(vg.to_owned()).or_default().clone()
+}
+
 /// Runs an LVM command; exit 0 or a classified [`LvmError`]. Every LVM call goes through here.
+/// Commands that change a VG's metadata run one at a time per VG, in the order they came.
 pub async fn lvm(runner: &Runner, cmd: &LvmCmd) -> Result<Output, LvmError> {
     let command = cmd.label();
+    let queue = cmd.changes.then(|| vg_queue(&cmd.vg));
+    let _turn = match &queue {
+        Some(q) => Some(q.lock().await),
+        None => None,
+    };
     let out = runner
         .run(&cmd.to_cmd())
         .await
@@ -228,8 +274,8 @@ pub const LV_FIELDS: &str =
 pub const VG_FIELDS: &str = "vg_name,vg_size,vg_free,vg_extent_size,vg_extent_count,vg_free_count";
 
 /// Common options of every report: JSON, exact bytes, times as Unix seconds.
-fn report(subcommand: &str, fields: &str) -> LvmCmd {
-    LvmCmd::new(subcommand).args([
+fn report(subcommand: &str, vg: &str, fields: &str) -> LvmCmd {
+    LvmCmd::report(subcommand, vg).args([
         "--reportformat",
         "json",
         "--units",
@@ -248,12 +294,12 @@ pub fn lvs(vg: &str, lv: Option<&str>) -> LvmCmd {
         Some(lv) => format!("{vg}/{lv}"),
         None => vg.to_owned(),
     };
-    report("lvs", LV_FIELDS).arg(target)
+    report("lvs", vg, LV_FIELDS).arg(target)
 }
 
 /// `vgs` of one VG.
 pub fn vgs(vg: &str) -> LvmCmd {
-    report("vgs", VG_FIELDS).arg(vg)
+    report("vgs", vg, VG_FIELDS).arg(vg)
 }
 
 /// One logical volume, as `lvs` reports it.
@@ -514,7 +560,7 @@ pub enum NewLv<'a> {
 /// `lvcreate` of LV `name` in `vg` carrying `tags`: the tags are written in the same
 /// metadata commit as the LV, so no crash can leave it untagged.
 pub fn lvcreate(vg: &str, name: &str, what: NewLv<'_>, tags: &[String]) -> LvmCmd {
-    let c = LvmCmd::new("lvcreate").arg("--yes");
+    let c = LvmCmd::change("lvcreate", vg).arg("--yes");
     let c = match what {
         NewLv::Thick { size } => c
             .args(["--zero", "y", "--wipesignatures", "y", "--size"])
@@ -540,7 +586,7 @@ pub fn lvcreate(vg: &str, name: &str, what: NewLv<'_>, tags: &[String]) -> LvmCm
 
 /// `lvextend` of `vg/lv` to `size`.
 pub fn lvextend(vg: &str, lv: &str, size: Bytes) -> LvmCmd {
-    LvmCmd::new("lvextend")
+    LvmCmd::change("lvextend", vg)
         .arg("--size")
         .arg(bytes_arg(size))
         .arg(format!("{vg}/{lv}"))
@@ -548,7 +594,7 @@ pub fn lvextend(vg: &str, lv: &str, size: Bytes) -> LvmCmd {
 
 /// `lvchange --activate y|n` of `vg/lv` (a thick origin takes its snapshots along).
 pub fn lvchange_activate(vg: &str, lv: &str, active: bool) -> LvmCmd {
-    LvmCmd::new("lvchange")
+    LvmCmd::change("lvchange", vg)
         .arg("--activate")
         .arg(if active { "y" } else { "n" })
         .arg(format!("{vg}/{lv}"))
@@ -557,7 +603,7 @@ pub fn lvchange_activate(vg: &str, lv: &str, active: bool) -> LvmCmd {
 /// One `lvchange` adding and deleting tags of `vg/lv`: LVM applies both in one metadata
 /// commit, so the change is atomic.
 pub fn lvchange_tags(vg: &str, lv: &str, add: &[String], delete: &[String]) -> LvmCmd {
-    let mut c = LvmCmd::new("lvchange").add_tags(add);
+    let mut c = LvmCmd::change("lvchange", vg).add_tags(add);
     for t in delete {
         c = c.arg("--deltag").arg(t.clone());
     }
@@ -567,7 +613,7 @@ pub fn lvchange_tags(vg: &str, lv: &str, add: &[String], delete: &[String]) -> L
 /// `lvremove --yes` of `vg/lv`. On a thick origin `--yes` would also remove its snapshots:
 /// callers check first.
 pub fn lvremove(vg: &str, lv: &str) -> LvmCmd {
-    LvmCmd::new("lvremove")
+    LvmCmd::change("lvremove", vg)
         .arg("--yes")
         .arg(format!("{vg}/{lv}"))
 }
@@ -625,6 +671,64 @@ pub fn dm_name(vg: &str, lv: &str) -> String {
 #[allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 mod tests {
     use super::*;
+
+    /// A runner whose `lvm` is `sleep 1` (the prefix swallows the LVM arguments).
+    fn sleeping_lvm() -> Runner {
+        Runner::with_prefix(["sh", "-c", "sleep 1", "sleep"].map(String::from).to_vec())
+    }
+
+    /// Three commands at once on one runner; the wall time they took together.
+    async fn three_at_once(cmds: [LvmCmd; 3]) -> Duration {
+        let runner = sleeping_lvm();
+        let start = std::time::Instant::now();
+        let outs = futures::future::join_all(cmds.iter().map(|c| lvm(&runner, c))).await;
+        assert!(outs.iter().all(Result::is_ok), "{outs:?}");
+        start.elapsed()
+    }
+
+    #[tokio::test]
+    async fn metadata_changes_to_one_vg_take_turns_and_reports_do_not_wait() {
+        let tags: [String; 0] = [];
+        let vg = "queue-test-a";
+        let changes = [
+            lvcreate(
+                vg,
+                "a",
+                NewLv::Thick {
+                    size: Bytes::mib(4),
+                },
+                &tags,
+            ),
+            lvextend(vg, "b", Bytes::mib(8)),
+            lvremove(vg, "c"),
+        ];
+        assert!(changes.iter().all(LvmCmd::changes_metadata));
+        let took = three_at_once(changes).await;
+        assert!(
+            took >= Duration::from_secs(3),
+            "changes overlapped: {took:?}"
+        );
+
+        let reports = [lvs(vg, None), lvs(vg, Some("a")), vgs(vg)];
+        assert!(!reports.iter().any(LvmCmd::changes_metadata));
+        let took = three_at_once(reports).await;
+        assert!(
+            took < Duration::from_millis(2900),
+            "reports queued: {took:?}"
+        );
+
+        // Other VGs have their own turns.
+        let spread = [
+            lvremove("queue-test-b", "x"),
+            lvremove("queue-test-c", "x"),
+            lvremove("queue-test-d", "x"),
+        ];
+        let took = three_at_once(spread).await;
+        assert!(
+            took < Duration::from_millis(2900),
+            "VGs share a queue: {took:?}"
+        );
+    }
 
     fn fixture(name: &str) -> String {
         let path = format!("{}/tests/fixtures/lvm/{name}", env!("CARGO_MANIFEST_DIR"));
