@@ -50,4 +50,16 @@ impl AgentSet {
         map.insert(agent.name().to_owned(), agent);
         *cur = Arc::new(map);
     }
+
+    /// Removes the agent called `name`; whether it was there.
+    pub fn remove(&self, name: &str) -> bool {
+        let mut cur = self.current.write().unwrap_or_else(PoisonError::into_inner);
+        if !cur.contains_key(name) {
+            return false;
+        }
+        let mut map = AgentMap::clone(&cur);
+        map.remove(name);
+        *cur = Arc::new(map);
+        true
+    }
 }

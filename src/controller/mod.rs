@@ -370,6 +370,17 @@ impl Controller {
         self.state().synced.remove(&name);
     }
 
+    /// Drops an agent that was never listed (a discovered agent that stopped heartbeating
+    /// before it answered): no volume is routed to it, and while it stays unlisted every
+    /// create and list waits for it with UNAVAILABLE. An agent listed once stays: its volumes
+    /// are routed to it, and its pools turn unhealthy while it is silent. Whether it was
+    /// dropped.
+    pub fn forget_unlisted_agent(&self, name: &str) -> bool {
+        // Held while removing, so a listing that completes meanwhile cannot interleave.
+        let st = self.state();
+        !st.synced.contains(name) && self.agents.remove(name)
+    }
+
     /// The names of the agents the controller reaches now.
     pub fn agent_names(&self) -> Vec<String> {
         self.agents.snapshot().keys().cloned().collect()

@@ -1370,3 +1370,25 @@ async fn a_report_older_than_a_finished_create_does_not_give_its_space_back() {
     assert_eq!(free(&c), after_create);
     assert!(c.state().pending.is_empty());
 }
+
+#[tokio::test]
+async fn an_agent_added_but_never_listed_holds_creates_back_until_forgotten() {
+    let agents = three();
+    let c = controller(&agents).await;
+    let late = FakeAgent::new("late", vec![FakePool::new("p", "z1", Bytes::gib(10))]);
+    late.set_down(true);
+    c.add_agent(late.clone());
+    c.refresh_pools().await;
+    // It may hold a volume of that name: no create can be answered.
+    assert_eq!(
+        code_of(&c.create_volume(req("held", 1)).await),
+        Code::Unavailable
+    );
+    assert!(c.forget_unlisted_agent("late"));
+    assert!(!c.agent_names().contains(&"late".to_string()));
+    assert_eq!(code_of(&c.create_volume(req("held", 1)).await), Code::Ok);
+    // A listed agent is never forgotten: its volumes are routed to it.
+    agents[0].set_down(true);
+    assert!(!c.forget_unlisted_agent("a"));
+    assert!(c.agent_names().contains(&"a".to_string()));
+}

@@ -1,9 +1,10 @@
 //! The controller finds agents in StoragePools: every `discovery_interval_secs` it lists
 //! them, takes the agents with a fresh heartbeat ([`super::pools::discovered_agents`]) and
 //! adds those it does not reach yet (or whose endpoint changed) to the [`Controller`]. A
-//! statically configured agent of the same name wins. Agents are never removed: volumes stay
-//! routed to an agent that stopped heartbeating, and its pools turn unhealthy at the next
-//! statistics refresh, as a static agent's would.
+//! statically configured agent of the same name wins. An agent listed once is never removed:
+//! volumes stay routed to an agent that stopped heartbeating, and its pools turn unhealthy at
+//! the next statistics refresh, as a static agent's would. One whose heartbeat stopped before
+//! it was ever listed is dropped, since it would hold every create back.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -46,6 +47,23 @@ impl AgentDirectory {
             .cloned()
     }
 
+    /// Every agent in the directory.
+    fn names(&self) -> Vec<String> {
+        self.endpoints
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .keys()
+            .cloned()
+            .collect()
+    }
+
+    fn remove(&self, agent: &str) {
+        self.endpoints
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(agent);
+    }
+
     fn set(&self, agent: &str, endpoint: Endpoint) {
         self.endpoints
             .write()
@@ -79,6 +97,15 @@ impl Discovery {
         let (agents, skipped) = discovered_agents(&pools.items, Timestamp::now(), self.stale_after);
         for (pool, why) in skipped {
             tracing::debug!(storagepool = %pool, reason = ?why, "StoragePool not used");
+        }
+        for name in self.directory.names() {
+            if self.static_names.contains(&name) || agents.contains_key(&name) {
+                continue;
+            }
+            if self.controller.forget_unlisted_agent(&name) {
+                tracing::warn!(agent = %name, "discovered agent dropped: its heartbeat stopped before it was ever listed");
+                self.directory.remove(&name);
+            }
         }
         let mut changed = Vec::new();
         for (name, endpoint) in agents {
