@@ -68,6 +68,22 @@ impl Counter {
     }
 }
 
+/// A value that goes up and down (or is replaced), read at each scrape.
+#[derive(Debug, Default)]
+pub struct Gauge(AtomicU64);
+
+impl Gauge {
+    /// Replaces the value.
+    pub fn set(&self, v: u64) {
+        self.0.store(v, Ordering::Relaxed);
+    }
+
+    /// The current value.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
 /// Counts per combination of label values, at most `max_series` combinations: once full, new
 /// combinations are counted under every label set to `other` (label values may come from
 /// clients, and must not grow the map without bound).

@@ -445,6 +445,8 @@ fn warn_if_plain(cfg: &AgentConfig) {
 
 /// `cinderblock all`: agent on its own listener, controller (and node) on the CSI endpoint.
 /// The node derives CHAP secrets from the agent's key unless it names its own key file.
+/// Metrics: the agent's on `[agent] metrics_listen`; the CSI services' (calls of both, the
+/// controller's pools) on `[controller] metrics_listen`, else `[node] metrics_listen`.
 pub async fn run_all(
     mut cfg: AllConfig,
     without_node: bool,
@@ -487,17 +489,35 @@ pub async fn run_all(
         controller: true,
         node: !without_node,
     };
+    // One metrics endpoint for the CSI services of this process: the controller's address,
+    // else the node's. The agent serves its own on `[agent] metrics_listen`.
+    let metrics_listener = match cfg.controller.metrics_listen.or(cfg.node.metrics_listen) {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     tracing::info!(%endpoint, node = !without_node, "all-in-one serving");
-    let (controller, operator, _) =
+    let (controller, operator, core) =
         controller_service(&cfg.controller, tls.as_ref(), shutdown.clone()).await?;
+    let rpcs = Arc::new(RpcMetrics::default());
+    if let Some(listener) = metrics_listener {
+        let collector = Arc::new(ControllerMetrics {
+            rpcs: rpcs.clone(),
+            controller: core,
+            leadership: Leadership::always(),
+        });
+        tokio::spawn(metrics::serve(listener, collector, shutdown.clone()));
+    }
     let node = if without_node {
         None
     } else {
-        Some(node_service(&cfg.node, Some(node_key)).await)
+        Some(Observed::new(
+            node_service(&cfg.node, Some(node_key)).await,
+            rpcs.clone(),
+        ))
     };
     let router = Server::builder()
-        .add_service(identity(services, readiness))
-        .add_service(controller)
+        .add_service(Observed::new(identity(services, readiness), rpcs.clone()))
+        .add_service(Observed::new(controller, rpcs))
         .add_service(operator.clone())
         .add_optional_service(node);
     let csi = serve_with_operator(

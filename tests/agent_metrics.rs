@@ -11,7 +11,6 @@ mod common;
 mod stack;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -108,23 +107,9 @@ impl Agent {
 
     /// Every sample of `GET /metrics`, by `name{labels}`.
     fn scrape(&self) -> BTreeMap<String, u64> {
-        let mut s = std::net::TcpStream::connect(("127.0.0.1", self.metrics)).unwrap();
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")
-            .unwrap();
-        let mut text = String::new();
-        s.read_to_string(&mut text).unwrap();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap();
-        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
-        assert!(
-            head.contains("Content-Type: text/plain; version=0.0.4"),
-            "{head}"
-        );
-        body.lines()
-            .filter(|l| !l.starts_with('#'))
-            .map(|l| {
-                let (k, v) = l.rsplit_once(' ').unwrap();
-                (k.to_owned(), v.parse().unwrap())
-            })
+        common::scrape_metrics(self.metrics)
+            .into_iter()
+            .map(|(k, v)| (k, v as u64))
             .collect()
     }
 

@@ -37,6 +37,7 @@ const SPEC: AgentSpec = AgentSpec {
 
 struct Agent {
     socket: PathBuf,
+    metrics: u16,
     pool: PathBuf,
     repo: PathBuf,
     proc: Proc,
@@ -83,7 +84,9 @@ allow_http = true
         ));
     }
     let listen = format!("unix://{}", socket.display());
-    let toml = stack::agent_config(&SPEC, &listen, &tgtd, &pool, "", &tables);
+    let metrics = common::tgtd::free_tcp_port();
+    let root = format!("metrics_listen = \"127.0.0.1:{metrics}\"");
+    let toml = stack::agent_config(&SPEC, &listen, &tgtd, &pool, &root, &tables);
     let config = dir.path().join("agent.toml");
     std::fs::write(&config, toml).unwrap();
     let proc = Proc::spawn(
@@ -93,6 +96,7 @@ allow_http = true
     );
     Agent {
         socket,
+        metrics,
         pool,
         repo,
         proc,
@@ -322,6 +326,32 @@ fn full_cycle(agent: &Agent, repo: &str) {
 fn posix_repository_full_incremental_restore() {
     let agent = start_agent(None, None, "local");
     full_cycle(&agent, "local");
+    // Two backups and two restores of the 64 MiB volume, in the agent's metrics.
+    let m = common::scrape_metrics(agent.metrics);
+    let get = |k: &str| {
+        m.get(k)
+            .copied()
+            .unwrap_or_else(|| panic!("no {k} in {m:?}"))
+    };
+    let size = SIZE as f64;
+    for (op, n) in [("backup", 2.0), ("restore", 2.0)] {
+        let key =
+            format!("cinderblock_agent_backup_duration_seconds_count{{op=\"{op}\",result=\"ok\"}}");
+        assert_eq!(get(&key), n, "{key}");
+        let key =
+            format!("cinderblock_agent_backup_last_throughput_bytes_per_second{{op=\"{op}\"}}");
+        assert!(get(&key) > 0.0, "{key}");
+    }
+    assert_eq!(
+        get("cinderblock_agent_backup_bytes_total{kind=\"backup_read\"}"),
+        2.0 * size
+    );
+    assert_eq!(
+        get("cinderblock_agent_backup_bytes_total{kind=\"restore_written\"}"),
+        2.0 * size
+    );
+    let stored = get("cinderblock_agent_backup_bytes_total{kind=\"backup_stored\"}");
+    assert!(stored > 0.0 && stored < 10.0 * MIB as f64, "{stored}");
     // Deleting a backup removes its container.
     assert_eq!(std::fs::read_dir(&agent.repo).unwrap().count(), 0);
 }

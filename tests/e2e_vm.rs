@@ -10,6 +10,8 @@
 //! A missing variable fails the test with that hint; the tests are ignored by default.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests: a panic is the failure report
 
+mod common;
+
 use std::process::Command;
 use std::time::Duration;
 
@@ -51,6 +53,39 @@ fn vm_exec(vm: &str, cmd: &str) -> (Option<i32>, String) {
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).trim().to_owned(),
     )
+}
+
+/// Metrics ports inside every guest (`tests/e2e/lib.sh`): the agent's and the CSI services'.
+const GUEST_AGENT_METRICS: u16 = 9701;
+const GUEST_CSI_METRICS: u16 = 9702;
+
+/// Every sample of `GET /metrics` on 127.0.0.1:`port` inside guest `vm`, by `name{labels}`
+/// (bash's /dev/tcp: the guest has no HTTP client).
+fn guest_metrics(vm: &str, port: u16) -> std::collections::BTreeMap<String, f64> {
+    let (code, text) = vm_exec(
+        vm,
+        &format!(
+            "exec 3<>/dev/tcp/127.0.0.1/{port} && printf 'GET /metrics HTTP/1.1\\r\\nHost: e2e\\r\\n\\r\\n' >&3 && cat <&3"
+        ),
+    );
+    assert_eq!(code, Some(0), "{vm}:{port}/metrics: {text}");
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("{vm}:{port}/metrics: {text}"));
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{vm}:{port}: {head}");
+    common::parse_metrics(body)
+}
+
+/// Asserts that sample `key` of `m` is above zero.
+fn positive(m: &std::collections::BTreeMap<String, f64>, key: &str, whose: &str) {
+    let v = m.get(key).copied();
+    assert!(
+        v.is_some_and(|v| v > 0.0),
+        "{whose}: {key} = {v:?}; samples: {:?}",
+        m.keys()
+            .filter(|k| k.starts_with(key.split('{').next().unwrap_or(key)))
+            .collect::<Vec<_>>()
+    );
 }
 
 async fn probe_and_info(var: &str) {
@@ -121,7 +156,8 @@ mod controller_on_lvm {
     use pb::volume_capability::{access_mode::Mode, AccessMode, AccessType, MountVolume};
     use tonic::Code;
 
-    use super::{env, vm_exec};
+    use super::{common, env, guest_metrics, positive, vm_exec};
+    use super::{GUEST_AGENT_METRICS, GUEST_CSI_METRICS};
 
     type Client = ControllerClient<tonic::transport::Channel>;
 
@@ -132,6 +168,7 @@ mod controller_on_lvm {
         child: Child,
         log: std::path::PathBuf,
         socket: std::path::PathBuf,
+        metrics: u16,
         _dir: tempfile::TempDir,
     }
 
@@ -146,9 +183,11 @@ mod controller_on_lvm {
         fn start() -> Controller {
             let dir = tempfile::tempdir().unwrap();
             let config = dir.path().join("controller.toml");
+            let metrics = common::tgtd::free_tcp_port();
             std::fs::write(
                 &config,
-                r#"default_volume_type = "thick"
+                format!("metrics_listen = \"127.0.0.1:{metrics}\"\n")
+                    + r#"default_volume_type = "thick"
 stats_interval_secs = 2
 [volume_types.thick]
 extra_specs = { media = "hdd" }
@@ -184,6 +223,7 @@ extra_specs = { media = "ssd", host = "comp" }
                 child,
                 log,
                 socket,
+                metrics,
                 _dir: dir,
             }
         }
@@ -446,6 +486,33 @@ extra_specs = { media = "ssd", host = "comp" }
                 "0",
                 "{vm}: LVs left"
             );
+        }
+
+        // The lifecycle in the metrics of the controller (host) and of stor's agent.
+        let m = common::scrape_metrics(ctl.metrics);
+        for key in [
+            r#"cinderblock_csi_rpc_total{rpc="CreateVolume",code="OK"}"#,
+            r#"cinderblock_csi_rpc_total{rpc="DeleteVolume",code="OK"}"#,
+            r#"cinderblock_csi_rpc_total{rpc="CreateSnapshot",code="OK"}"#,
+            r#"cinderblock_csi_rpc_duration_seconds_count{rpc="CreateVolume"}"#,
+            r#"cinderblock_controller_pool_total_bytes{pool="stor#thick"}"#,
+            r#"cinderblock_controller_pool_free_bytes{pool="comp#thin"}"#,
+            r#"cinderblock_controller_pool_healthy{pool="stor#thin"}"#,
+            "cinderblock_controller_agents",
+        ] {
+            positive(&m, key, "controller");
+        }
+        let m = guest_metrics("stor", GUEST_AGENT_METRICS);
+        for key in [
+            r#"cinderblock_agent_rpc_total{rpc="CreateVolume",code="OK"}"#,
+            r#"cinderblock_agent_rpc_total{rpc="CreateSnapshot",code="OK"}"#,
+            r#"cinderblock_agent_rpc_total{rpc="DeleteVolume",code="OK"}"#,
+            r#"cinderblock_agent_pool_total_bytes{pool="thick"}"#,
+            r#"cinderblock_agent_pool_free_bytes{pool="thin"}"#,
+            r#"cinderblock_agent_pool_healthy{pool="thick"}"#,
+            "cinderblock_agent_reconcile_runs_total",
+        ] {
+            positive(&m, key, "stor agent");
         }
     }
 
@@ -765,6 +832,34 @@ extra_specs = { media = "ssd", host = "comp" }
         attach_cycle(&mut c, &info.node_id, "e2e-n-ext4", Some("ext4"), 64).await;
         attach_cycle(&mut c, &info.node_id, "e2e-n-xfs", Some("xfs"), 320).await;
         attach_cycle(&mut c, &info.node_id, "e2e-n-block", None, 64).await;
+
+        // The attaches in the metrics of comp's CSI services (node and controller in one
+        // process) and of stor's agent (exports).
+        let m = guest_metrics("comp", GUEST_CSI_METRICS);
+        for rpc in [
+            "NodeStageVolume",
+            "NodePublishVolume",
+            "NodeUnpublishVolume",
+            "NodeUnstageVolume",
+            "NodeGetVolumeStats",
+        ] {
+            positive(
+                &m,
+                &format!(r#"cinderblock_csi_rpc_total{{rpc="{rpc}",code="OK"}}"#),
+                "comp node",
+            );
+        }
+        positive(
+            &m,
+            r#"cinderblock_csi_rpc_duration_seconds_sum{rpc="NodeStageVolume"}"#,
+            "comp node",
+        );
+        let m = guest_metrics("stor", GUEST_AGENT_METRICS);
+        positive(
+            &m,
+            r#"cinderblock_agent_rpc_total{rpc="ExportVolume",code="OK"}"#,
+            "stor agent",
+        );
     }
 
     /// Restarts (SIGKILL, as a crashed pod) `cinderblock all` on comp, or only stops it.
@@ -1052,6 +1147,35 @@ extra_specs = { media = "ssd", host = "comp" }
             sha
         );
         sh("comp", &format!("e2fsck -fn {lv} >/dev/null"));
+
+        // The backup ran on stor's agent and the restore on comp's: both in their metrics.
+        for (vm, op, kind) in [
+            ("stor", "backup", "backup_read"),
+            ("stor", "backup", "backup_stored"),
+            ("comp", "restore", "restore_written"),
+        ] {
+            let m = guest_metrics(vm, GUEST_AGENT_METRICS);
+            let whose = format!("{vm} agent");
+            positive(
+                &m,
+                &format!(
+                    r#"cinderblock_agent_backup_duration_seconds_count{{op="{op}",result="ok"}}"#
+                ),
+                &whose,
+            );
+            positive(
+                &m,
+                &format!(r#"cinderblock_agent_backup_bytes_total{{kind="{kind}"}}"#),
+                &whose,
+            );
+            positive(
+                &m,
+                &format!(
+                    r#"cinderblock_agent_backup_last_throughput_bytes_per_second{{op="{op}"}}"#
+                ),
+                &whose,
+            );
+        }
 
         delete(&mut c, restored.volume_id).await;
         c.delete_snapshot(pb::DeleteSnapshotRequest {

@@ -15,8 +15,8 @@ use tokio_util::sync::CancellationToken;
 mod backups;
 
 pub use backups::{
-    error_chain, BackupStatus, BackupView, CreateBackup, Outcome, Running, VolumeState, STATUS_KEY,
-    STATUS_REASON_KEY, TEMP_SNAPSHOT_KEY,
+    error_chain, BackupStatus, BackupView, CreateBackup, Outcome, Running, Transfers, VolumeState,
+    STATUS_KEY, STATUS_REASON_KEY, TEMP_SNAPSHOT_KEY,
 };
 
 use super::backend::{

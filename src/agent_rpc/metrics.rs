@@ -1,5 +1,6 @@
 //! The agent's metrics (served by `crate::metrics` on `metrics_listen`): reconciliation and
-//! export drift, tgtd restarts, pool capacity, and agent API calls by method and code.
+//! export drift, tgtd restarts, pool capacity, backup and restore throughput, and agent API
+//! calls by method and code.
 //!
 //! | family | kind | labels |
 //! |---|---|---|
@@ -11,6 +12,9 @@
 //! | `cinderblock_agent_pool_{volumes,snapshots}` | gauge | `pool` |
 //! | `cinderblock_agent_pool_healthy` | gauge (0/1) | `pool` |
 //! | `cinderblock_agent_rpc_total` | counter | `rpc`, `code` |
+//! | `cinderblock_agent_backup_duration_seconds` | histogram | `op` = backup, restore; `result` = ok, failed |
+//! | `cinderblock_agent_backup_bytes_total` | counter | `kind` = backup_read, backup_stored, restore_written |
+//! | `cinderblock_agent_backup_last_throughput_bytes_per_second` | gauge | `op` |
 //!
 //! Pool gauges are read from the pools at each scrape; a pool that cannot be read has only
 //! `healthy 0`, and a capacity the pool cannot tell (unknown, infinite) has no sample.
@@ -132,6 +136,36 @@ impl Collector for AgentMetrics {
         for p in &pools {
             out.sample(name, &[("pool", &p.cfg.name)], u64::from(p.stats.is_ok()));
         }
+
+        let tr = self.agent.transfers();
+        out.histogram_vec(
+            "cinderblock_agent_backup_duration_seconds",
+            "Finished backups and restores by op (backup, restore) and result (ok, failed).",
+            &tr.seconds,
+        );
+        let name = "cinderblock_agent_backup_bytes_total";
+        out.family(
+            name,
+            Kind::Counter,
+            "Bytes moved by successful backups and restores: volume bytes a backup read \
+             (backup_read), bytes it wrote to its repository (backup_stored), volume bytes a \
+             restore wrote (restore_written).",
+        );
+        for (kind, c) in [
+            ("backup_read", &tr.backup_read_bytes),
+            ("backup_stored", &tr.backup_stored_bytes),
+            ("restore_written", &tr.restore_written_bytes),
+        ] {
+            out.sample(name, &[("kind", kind)], c.get());
+        }
+        let name = "cinderblock_agent_backup_last_throughput_bytes_per_second";
+        out.family(
+            name,
+            Kind::Gauge,
+            "Volume bytes per second of the last successful backup and restore (0: none yet).",
+        );
+        out.sample(name, &[("op", "backup")], tr.last_backup_rate.get());
+        out.sample(name, &[("op", "restore")], tr.last_restore_rate.get());
 
         out.counter_vec(
             "cinderblock_agent_rpc_total",

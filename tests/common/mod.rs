@@ -4,6 +4,8 @@
 pub mod s3;
 pub mod tgtd;
 
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
@@ -88,4 +90,42 @@ pub fn mount() -> cinderblock::proto::csi::VolumeCapability {
             mode: Mode::SingleNodeWriter as i32,
         }),
     }
+}
+
+/// Every sample of `GET /metrics` on 127.0.0.1:`port`, by `name{labels}`; a scrape that is not
+/// `200 OK` in Prometheus' text format panics.
+pub fn scrape_metrics(port: u16) -> BTreeMap<String, f64> {
+    let get = || -> std::io::Result<String> {
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", port))?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: test\r\n\r\n")?;
+        let mut text = String::new();
+        s.read_to_string(&mut text)?;
+        Ok(text)
+    };
+    let text = get().unwrap_or_else(|e| panic!("GET 127.0.0.1:{port}/metrics: {e}"));
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .unwrap_or_else(|| panic!("not an HTTP answer: {text:?}"));
+    assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
+    assert!(
+        head.contains("Content-Type: text/plain; version=0.0.4"),
+        "{head}"
+    );
+    parse_metrics(body)
+}
+
+/// The samples of a Prometheus text exposition, by `name{labels}`.
+pub fn parse_metrics(body: &str) -> BTreeMap<String, f64> {
+    body.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .map(|l| {
+            let (k, v) = l
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("not a sample: {l:?}"));
+            let v = v
+                .parse()
+                .unwrap_or_else(|e| panic!("bad value in {l:?}: {e}"));
+            (k.to_owned(), v)
+        })
+        .collect()
 }

@@ -30,6 +30,10 @@ CB_ONE_IP=127.0.0.1
 # CSI port inside every guest; the host reaches it through hostfwd on 127.0.0.1.
 CB_GUEST_CSI_PORT=10000
 CB_GUEST_AGENT_PORT=9700 # the agent API in every guest (forwarded too)
+# Metrics inside every guest (not forwarded: the tests read them through `vm exec`); the
+# same numbers are in tests/e2e_vm.rs.
+CB_GUEST_AGENT_METRICS_PORT=9701
+CB_GUEST_CSI_METRICS_PORT=9702
 
 rootfs_key() { printf '%s\n' "$CB_SUITE" "$CB_GUEST_PKGS" "$CB_ROOTFS_REV" | sha256sum | cut -c1-16; }
 image_key() {

@@ -70,6 +70,7 @@ start_cinderblock() {
 name = "$name"
 listen = "tcp://0.0.0.0:$CB_GUEST_AGENT_PORT"
 chap_key_file = "/mnt/host/e2e/chap.key"
+metrics_listen = "127.0.0.1:$CB_GUEST_AGENT_METRICS_PORT"
 
 [[agent.pools]]
 name = "thick"
@@ -99,6 +100,7 @@ default_repository = "shared"
 
 [node]
 zone = "z-$name"
+metrics_listen = "127.0.0.1:$CB_GUEST_CSI_METRICS_PORT"
 EOF
   fi
   # shellcheck disable=SC2086  # CINDERBLOCK_E2E_ARGS is a list of extra words on purpose

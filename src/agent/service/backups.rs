@@ -15,6 +15,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::watch;
 
@@ -29,6 +30,7 @@ use crate::backup::format::{
 use crate::backup::repo::{self, Repository};
 use crate::backup::BackupError;
 use crate::config::AgentConfig;
+use crate::metrics::{Counter, Gauge, HistogramVec};
 
 /// Volume metadata key marking a restore target: `restoring` while a restore writes it,
 /// `error` when one failed. Removed when a restore succeeds.
@@ -212,6 +214,59 @@ pub(super) struct Backups {
     // Backups read by running operations, with how many restores read each (the rest are
     // incremental backups on top). Same locking; shared with the pins held by tasks.
     pins: Arc<Mutex<HashMap<BackupId, (usize, usize)>>>,
+    // What backups and restores moved, for the metrics endpoint.
+    transfers: Transfers,
+}
+
+/// Upper bounds of the backup and restore duration buckets, in seconds.
+const TRANSFER_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 14400.0];
+
+/// Backups and restores finished since the agent started: how many, how long, how many bytes.
+#[derive(Debug)]
+pub struct Transfers {
+    /// Duration by `op` (backup, restore) and `result` (ok, failed).
+    pub seconds: HistogramVec,
+    /// Bytes of volumes read by finished backups (holes included: the volume's size).
+    pub backup_read_bytes: Counter,
+    /// Bytes those backups wrote to their repository (new chunks, compressed).
+    pub backup_stored_bytes: Counter,
+    /// Bytes of volumes written by finished restores.
+    pub restore_written_bytes: Counter,
+    /// Volume bytes per second of the last backup that succeeded.
+    pub last_backup_rate: Gauge,
+    /// Volume bytes per second of the last restore that succeeded.
+    pub last_restore_rate: Gauge,
+}
+
+impl Default for Transfers {
+    fn default() -> Self {
+        Transfers {
+            seconds: HistogramVec::new(&["op", "result"], TRANSFER_BUCKETS, 4),
+            backup_read_bytes: Counter::default(),
+            backup_stored_bytes: Counter::default(),
+            restore_written_bytes: Counter::default(),
+            last_backup_rate: Gauge::default(),
+            last_restore_rate: Gauge::default(),
+        }
+    }
+}
+
+impl Transfers {
+    /// Records one finished backup or restore of `bytes` volume bytes that began at `started`.
+    fn finished(&self, op: &str, ok: bool, started: Instant, bytes: u64) {
+        let secs = started.elapsed().as_secs_f64();
+        let result = if ok { "ok" } else { "failed" };
+        self.seconds.observe(&[op, result], secs);
+        if ok && secs > 0.0 {
+            let rate = (bytes as f64 / secs) as u64;
+            let last = if op == "backup" {
+                &self.last_backup_rate
+            } else {
+                &self.last_restore_rate
+            };
+            last.set(rate);
+        }
+    }
 }
 
 impl Backups {
@@ -233,6 +288,7 @@ impl Backups {
             jobs: Mutex::new(HashMap::new()),
             activity: Mutex::new(HashMap::new()),
             pins: Arc::new(Mutex::new(HashMap::new())),
+            transfers: Transfers::default(),
         })
     }
 
@@ -538,7 +594,13 @@ impl AgentService {
         Ok(running)
     }
 
+    /// What backups and restores moved since the agent started.
+    pub fn transfers(&self) -> &Transfers {
+        &self.backups.transfers
+    }
+
     async fn run_backup(&self, t: BackupTask) {
+        let started = Instant::now();
         let result = engine::backup(
             t.repo.clone(),
             &t.id,
@@ -554,8 +616,12 @@ impl AgentService {
             }
         }
         lock(&self.backups.activity).remove(&t.volume);
+        let tr = &self.backups.transfers;
+        tr.finished("backup", result.is_ok(), started, t.progress.done());
         let outcome = match result {
             Ok(meta) => {
+                tr.backup_read_bytes.add(meta.volume_size);
+                tr.backup_stored_bytes.add(meta.stats.stored_bytes);
                 tracing::info!(backup = %t.id, stored_chunks = meta.stats.stored_chunks, reused_chunks = meta.stats.reused_chunks, stored_bytes = meta.stats.stored_bytes, "backup complete");
                 lock(&self.backups.jobs).remove(&t.id);
                 let mut v = BackupView::of(&meta, t.repo.name(), t.id.clone());
@@ -877,6 +943,7 @@ impl AgentService {
         let id = id.clone();
         tokio::spawn(async move {
             let _guard: Guard = guard;
+            let started = Instant::now();
             let result = engine::restore(
                 repo.clone(),
                 &meta,
@@ -908,6 +975,11 @@ impl AgentService {
                 }
             };
             lock(&me.backups.activity).remove(&volume);
+            let tr = &me.backups.transfers;
+            tr.finished("restore", outcome.is_ok(), started, meta.volume_size);
+            if outcome.is_ok() {
+                tr.restore_written_bytes.add(meta.volume_size);
+            }
             let _ = tx.send(Some(outcome));
         });
         Ok(running)
