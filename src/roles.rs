@@ -14,6 +14,7 @@ use crate::agent_rpc::server::AgentApi;
 use crate::config::{AgentConfig, AgentRef, AllConfig, ControllerConfig, NodeConfig};
 use crate::controller::{Controller, ControllerError, Settings};
 use crate::csi::controller::ControllerService;
+use crate::csi::deadline::CallerDeadline;
 use crate::csi::identity::{IdentityService, Services};
 use crate::csi::leader_gate::LeaderGate;
 use crate::csi::metrics::{ControllerMetrics, NodeMetrics, Observed, RpcMetrics};
@@ -160,7 +161,10 @@ pub async fn run_controller(
     }
     let router = Server::builder()
         .add_service(Observed::new(identity(services, readiness), rpcs.clone()))
-        .add_service(Observed::new(LeaderGate::new(controller, leadership), rpcs))
+        .add_service(Observed::new(
+            LeaderGate::new(CallerDeadline::new(controller), leadership),
+            rpcs,
+        ))
         .add_service(operator.clone());
     serve_with_operator(
         router,
@@ -517,7 +521,7 @@ pub async fn run_all(
     };
     let router = Server::builder()
         .add_service(Observed::new(identity(services, readiness), rpcs.clone()))
-        .add_service(Observed::new(controller, rpcs))
+        .add_service(Observed::new(CallerDeadline::new(controller), rpcs))
         .add_service(operator.clone())
         .add_optional_service(node);
     let csi = serve_with_operator(

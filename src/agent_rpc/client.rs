@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::{Stream, StreamExt};
 
@@ -331,7 +331,8 @@ pub trait StorageAgent: BackupAgent + Send + Sync + fmt::Debug {
 // ---------------------------------------------------------------------------------------
 // The real implementation
 
-/// Deadline of every unary agent call (thick deletes wipe, so a few minutes are allowed).
+/// Deadline of a unary agent call made outside a CSI call with a deadline (thick deletes
+/// wipe, so a few minutes are allowed).
 const CALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// An agent reached over gRPC.
@@ -365,8 +366,13 @@ impl GrpcAgent {
 /// wait means it is busy or stuck, and the caller keeps its last figures meanwhile.
 const STATS_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// A request due by the deadline of the CSI call being served (its caller's), else within
+/// [`CALL_TIMEOUT`].
 fn request<T>(msg: T) -> tonic::Request<T> {
-    request_within(msg, CALL_TIMEOUT)
+    let deadline = crate::csi::deadline::caller_deadline().map_or(CALL_TIMEOUT, |d| {
+        d.saturating_duration_since(Instant::now())
+    });
+    request_within(msg, deadline)
 }
 
 fn request_within<T>(msg: T, deadline: Duration) -> tonic::Request<T> {

@@ -2,6 +2,7 @@
 //! and map its errors to gRPC codes in one place.
 
 pub mod controller;
+pub mod deadline;
 pub mod identity;
 pub mod node;
 pub mod status;

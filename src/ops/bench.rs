@@ -191,6 +191,10 @@ pub struct BenchCsiArgs {
     /// Keep the volumes.
     #[arg(long)]
     pub keep: bool,
+    /// Deadline of each CreateVolume in seconds, sent as the external-provisioner sends its
+    /// `--timeout` (the controller's agent calls end by it).
+    #[arg(long, default_value_t = 3600)]
+    pub timeout_secs: u64,
     /// Output format.
     #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Table)]
     pub output: OutputFormat,
@@ -231,8 +235,10 @@ pub async fn bench_csi(args: BenchCsiArgs) -> Result<BurstReport, OpsError> {
             parameters: parameters.clone(),
             ..Default::default()
         };
+        let mut req = tonic::Request::new(req);
+        req.set_timeout(Duration::from_secs(args.timeout_secs));
         async move {
-            let name = req.name.clone();
+            let name = req.get_ref().name.clone();
             match c.create_volume(req).await {
                 Ok(r) => r
                     .into_inner()
