@@ -6,7 +6,9 @@
 //! - full backup MB/s vs `restic backup` (skipped when restic is not installed);
 //! - all-zero volume vs random volume (zeros are detected, never hashed or stored);
 //! - incremental after 1% changed vs full (time, and bytes stored);
-//! - restore MB/s vs `zstd -d | dd` of the same bytes.
+//! - restore MB/s vs `zstd -d | dd` of the same bytes;
+//! - peak RSS of the process during the full backup (VmHWM, reset just before) against its
+//!   RSS before, with the goal of 64 MiB plus the configured in-flight buffers.
 //!
 //! The volume is `CINDERBLOCK_BENCH_BACKUP_MIB` MiB (default 1024): half random, a quarter
 //! text-like (compressible), a quarter zeros (written, so read and detected). stdout gets
@@ -67,6 +69,16 @@ fn config(dir: &Path) -> AgentConfig {
         allow_http: false,
     }];
     cfg
+}
+
+/// A `/proc/self/status` field in KiB (`VmRSS`, `VmHWM`).
+fn status_kib(field: &str) -> Result<u64, String> {
+    let status = std::fs::read_to_string("/proc/self/status").map_err(|e| e.to_string())?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().strip_suffix("kB")?.trim().parse().ok())
+        .ok_or_else(|| format!("no {field} in /proc/self/status"))
 }
 
 fn random(n: usize) -> Vec<u8> {
@@ -272,7 +284,11 @@ async fn run() -> Result<(), String> {
     let image = b.image(&mixed);
 
     // Full backup vs zstd | sha256sum over the same file (both read it from the page cache).
+    // The process's peak RSS is reset first, so the peak read after is the backup's.
+    let rss_before = status_kib("VmRSS")?;
+    std::fs::write("/proc/self/clear_refs", "5").map_err(|e| format!("reset VmHWM: {e}"))?;
     let (t_full, stored_full) = b.backup(&mixed, "full", false).await;
+    let peak = status_kib("VmHWM")?;
     let img = image.display().to_string();
     let t_pipe = pipe(&["zstd", "-T0", "-3", "-c", &img], &["sha256sum"])?;
     line(
@@ -282,6 +298,17 @@ async fn run() -> Result<(), String> {
         "zstd_T0_3_pipe_sha256sum",
         mb_s(size, t_pipe),
         ">= 1.0",
+    );
+    let bc = &config(b.dir.path()).backup;
+    let buffers = 2 * bc.chunk_size * (bc.max_in_flight as u64 + 3);
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    println!(
+        "bench: backup_peak_rss = {:.1} MiB (baseline rss_before_backup = {:.1} MiB, ratio {:.2}, goal <= 64 MiB + {:.0} MiB in-flight buffers = {:.0} MiB)",
+        mib(peak),
+        mib(rss_before),
+        mib(peak) / mib(rss_before),
+        (buffers / MIB) as f64,
+        64.0 + (buffers / MIB) as f64,
     );
     match restic(&image, b.dir.path()) {
         Ok(t) => line(
