@@ -26,7 +26,9 @@ CSI_BURST=${BENCH_CSI_BURST:-200}
 export EXEC_TIMEOUT=${EXEC_TIMEOUT:-3600} # the whole guest part is one exec
 
 "$CB_E2E/host-deps.sh" vm >/dev/null
-(cd "$CB_REPO" && cargo build --release --bin cinderblock 2>&1 | grep -E '^(error|warning: unused)' || true)
+# The same targets as `make e2e` builds: with the test, dev-dependencies' features are unified
+# in, and a binary built without it would be a second full release build of every crate.
+(cd "$CB_REPO" && cargo build --release --bin cinderblock --test e2e_vm 2>&1 | grep -E '^(error|warning: unused)' || true)
 "$CB_E2E/build-image.sh" >/dev/null
 mkdir -p "$CB_SHARE/bin" "$CB_SHARE/e2e"
 cp "$TARGET_DIR/release/cinderblock" "$CB_SHARE/bin/cinderblock.tmp"

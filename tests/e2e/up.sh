@@ -12,7 +12,7 @@ t=$(now)
 
 "$CB_E2E/host-deps.sh" vm
 log "cargo build --release"
-(cd "$CB_REPO" && cargo build --release --bin cinderblock)
+(cd "$CB_REPO" && cargo build --release --bin cinderblock --test e2e_vm) # as run.sh: one feature set
 "$CB_E2E/build-image.sh" >/dev/null
 # shellcheck disable=SC2086
 topo_boot $VMS
