@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio_util::sync::CancellationToken;
 
@@ -143,6 +143,10 @@ pub struct AgentService {
     last_tgtd: Mutex<Option<TgtdInstance>>,
     // Repositories, running and failed backups, volumes in use by backups and restores.
     backups: backups::Backups,
+    // The last pool reports made (for ListPools, a heartbeat or a scrape) and when, for
+    // scrapes: reading LVM at every scrape costs seconds on a busy node. Locked briefly,
+    // never across an `.await`.
+    last_pools: Mutex<Option<(Instant, Arc<Vec<PoolReport>>)>>,
 }
 
 fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
@@ -213,6 +217,7 @@ impl AgentService {
             counters: ReconcileCounters::default(),
             last_tgtd: Mutex::new(None),
             backups: backups::Backups::new(cfg)?,
+            last_pools: Mutex::new(None),
         })
     }
 
@@ -393,7 +398,20 @@ impl AgentService {
                 portals: p.portals.clone(),
             });
         }
+        *lock(&self.last_pools) = Some((Instant::now(), Arc::new(out.clone())));
         out
+    }
+
+    /// The last reports made by [`Self::pools`] if they are at most `max_age` old, else new
+    /// ones. A controller asks for them every few seconds, so a scrape seldom reads the pools
+    /// itself.
+    pub async fn recent_pools(&self, max_age: Duration) -> Arc<Vec<PoolReport>> {
+        if let Some((at, reports)) = lock(&self.last_pools).clone() {
+            if at.elapsed() <= max_age {
+                return reports;
+            }
+        }
+        Arc::new(self.pools().await)
     }
 
     /// Creates a volume; a retry with the same parameters returns the existing volume.

@@ -16,7 +16,9 @@
 //! | `cinderblock_agent_backup_bytes_total` | counter | `kind` = backup_read, backup_stored, restore_written |
 //! | `cinderblock_agent_backup_last_throughput_bytes_per_second` | gauge | `op` |
 //!
-//! Pool gauges are read from the pools at each scrape; a pool that cannot be read has only
+//! Pool gauges are the agent's last pool reports when at most 30 s old (a controller asks for
+//! them every few seconds), else read from the pools for the scrape; a pool that cannot be
+//! read has only
 //! `healthy 0`, and a capacity the pool cannot tell (unknown, infinite) has no sample.
 //! `rpc_total` counts calls by the code their response started with: a stream that fails
 //! after its first message counts as `OK`.
@@ -26,6 +28,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tonic::codegen::http;
 use tonic::server::NamedService;
@@ -33,6 +36,10 @@ use tonic::server::NamedService;
 use crate::agent::backend::Capacity;
 use crate::agent::service::AgentService;
 use crate::metrics::{Collector, CounterVec, Exposition, Kind};
+
+/// How old the pool figures of a scrape may be: those the agent made last (a controller
+/// asks for them every few seconds) are used up to this age, then the pools are read anew.
+const POOL_STATS_MAX_AGE: Duration = Duration::from_secs(30);
 
 /// Distinct (rpc, code) pairs counted before the rest go to `other`.
 const MAX_RPC_SERIES: usize = 256;
@@ -99,7 +106,7 @@ impl Collector for AgentMetrics {
             t.tgtd_restarts,
         );
 
-        let pools = self.agent.pools().await;
+        let pools = self.agent.recent_pools(POOL_STATS_MAX_AGE).await;
         let gauges: [(&str, &str, PoolValue); 6] = [
             ("total_bytes", "Usable size of the pool.", |s| {
                 known(s.total)
@@ -125,7 +132,7 @@ impl Collector for AgentMetrics {
         for (suffix, help, value) in gauges {
             let name = format!("cinderblock_agent_pool_{suffix}");
             out.family(&name, Kind::Gauge, help);
-            for p in &pools {
+            for p in pools.iter() {
                 if let Some(v) = p.stats.as_ref().ok().and_then(value) {
                     out.sample(&name, &[("pool", &p.cfg.name)], v);
                 }
@@ -133,7 +140,7 @@ impl Collector for AgentMetrics {
         }
         let name = "cinderblock_agent_pool_healthy";
         out.family(name, Kind::Gauge, "1 when the pool can be read, else 0.");
-        for p in &pools {
+        for p in pools.iter() {
             out.sample(name, &[("pool", &p.cfg.name)], u64::from(p.stats.is_ok()));
         }
 

@@ -29,6 +29,9 @@ topo_boot() {
     echo "export CINDERBLOCK_E2E_RUN=$CB_RUN"
     echo "export CINDERBLOCK_E2E_VMS=\"$*\""
   } >"$CB_ENV"
+  # The guests' shared backup repository starts empty with them, as their disks do: a
+  # backup left by an earlier run (same CSI name, same id) would answer for a new one.
+  rm -rf "$CB_SHARE/e2e/backups"
   l2=$(free_port)
   for name in "$@"; do
     port=$(free_port)
