@@ -1108,7 +1108,12 @@ extra_specs = { media = "ssd", host = "comp" }
             assert!(Instant::now() < deadline, "backup not ready: {s:?}");
             tokio::time::sleep(Duration::from_secs(1)).await;
         };
-        sh("comp", "kill -- -$(cat /run/e2e-writer.pid) 2>/dev/null || kill $(cat /run/e2e-writer.pid); true");
+        // Stopped, and gone (its dd holds the mount busy until it exits).
+        sh(
+            "comp",
+            "p=$(cat /run/e2e-writer.pid); kill -- -$p 2>/dev/null || kill $p; \
+             for _ in $(seq 300); do pgrep -g $p >/dev/null || break; sleep 0.1; done; true",
+        );
         assert_eq!(snap.source_volume_id, a.id);
 
         // The source can go: a backup does not depend on it.
