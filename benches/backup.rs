@@ -3,19 +3,22 @@
 //! standard tools over the same bytes:
 //!
 //! - full backup MB/s vs `zstd -T0 -3 | sha256sum` (compress and hash, nothing written);
-//! - full backup MB/s vs `restic backup` (skipped when restic is not installed);
+//! - full backup MB/s vs `restic backup --stdin` into a local repository (skipped when
+//!   restic is not installed);
 //! - all-zero volume vs random volume (zeros are detected, never hashed or stored);
 //! - incremental after 1% changed vs full (time, and bytes stored);
 //! - restore MB/s vs `zstd -d | dd` of the same bytes;
 //! - peak RSS of the process during the full backup (VmHWM, reset just before) against its
 //!   RSS before, with the goal of 64 MiB plus the configured in-flight buffers.
 //!
-//! The volume is `CINDERBLOCK_BENCH_BACKUP_MIB` MiB (default 1024): half random, a quarter
-//! text-like (compressible), a quarter zeros (written, so read and detected). stdout gets
-//! one line per figure in the project's bench format:
+//! The volume is `CINDERBLOCK_BENCH_BACKUP_MIB` MiB (default 4096, as issue 7 asks): half
+//! random, a quarter text-like (compressible), a quarter zeros (written, so read and
+//! detected). Volumes and baseline outputs are removed once measured, so the run needs about
+//! three volumes of disk under `TMPDIR` (default /var/tmp). The goals are the issue's. stdout
+//! gets one line per figure in the project's bench format:
 //!
 //! ```text
-//! bench: backup_full = 412.3 MB/s (baseline zstd_T0_3_pipe_sha256sum = 380.1 MB/s, ratio 1.08, goal >= 1.0)
+//! bench: backup_full = 412.3 MB/s (baseline zstd_T0_3_pipe_sha256sum = 380.1 MB/s, ratio 1.08, goal >= 0.9)
 //! ```
 
 use std::collections::BTreeMap;
@@ -163,6 +166,22 @@ impl Bench {
         (start.elapsed(), b)
     }
 
+    /// Deletes a volume whose figures are taken (disk space for the next one).
+    async fn remove(&self, id: &VolumeId) {
+        self.agent
+            .delete_volume(id)
+            .await
+            .unwrap_or_else(|e| panic!("delete volume {id}: {e}"));
+    }
+
+    /// Deletes a backup whose figures are taken.
+    async fn drop_backup(&self, id: &str) {
+        self.agent
+            .delete_backup(&BackupId::parse(id).unwrap_or_else(|e| panic!("{e}")))
+            .await
+            .unwrap_or_else(|e| panic!("delete backup {id}: {e}"));
+    }
+
     async fn restore(&self, backup: &str, volume: &VolumeId) -> Duration {
         let start = Instant::now();
         let r = self
@@ -217,15 +236,18 @@ fn pipe(a: &[&str], b: &[&str]) -> Result<Duration, String> {
     Ok(start.elapsed())
 }
 
+/// `restic backup --stdin` of the image into a fresh local repository; the repository is
+/// removed after.
 fn restic(image: &Path, dir: &Path) -> Result<Duration, String> {
     let repo = dir.join("restic");
-    let run = |args: &[&str]| {
+    let run = |args: &[&str], stdin: Stdio| {
         Command::new("restic")
             .arg("-r")
             .arg(&repo)
             .args(args)
             .env("RESTIC_PASSWORD", "bench")
             .env("RESTIC_CACHE_DIR", dir.join("restic-cache"))
+            .stdin(stdin)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
@@ -236,17 +258,24 @@ fn restic(image: &Path, dir: &Path) -> Result<Duration, String> {
                     .ok_or(format!("restic {args:?} failed"))
             })
     };
-    run(&["init"])?;
+    run(&["init"], Stdio::null())?;
+    let input = std::fs::File::open(image).map_err(|e| format!("{}: {e}", image.display()))?;
     let start = Instant::now();
-    run(&["backup", &image.display().to_string()])?;
-    Ok(start.elapsed())
+    let r = run(
+        &["backup", "--stdin", "--stdin-filename", "volume.img"],
+        Stdio::from(input),
+    );
+    let t = start.elapsed();
+    let _ = std::fs::remove_dir_all(&repo);
+    let _ = std::fs::remove_dir_all(dir.join("restic-cache"));
+    r.map(|()| t)
 }
 
 async fn run() -> Result<(), String> {
     let mib: u64 = std::env::var("CINDERBLOCK_BENCH_BACKUP_MIB")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1024);
+        .unwrap_or(4096);
     let size = mib * MIB;
     let dir = tempfile::Builder::new()
         .prefix("cinderblock-bench-backup")
@@ -297,10 +326,10 @@ async fn run() -> Result<(), String> {
         "MB/s",
         "zstd_T0_3_pipe_sha256sum",
         mb_s(size, t_pipe),
-        ">= 1.0",
+        ">= 0.9",
     );
     let bc = &config(b.dir.path()).backup;
-    let buffers = 2 * bc.chunk_size * (bc.max_in_flight as u64 + 3);
+    let buffers = 2 * bc.chunk_size * (bc.max_in_flight as u64 + 4);
     let mib = |kib: u64| kib as f64 / 1024.0;
     println!(
         "bench: backup_peak_rss = {:.1} MiB (baseline rss_before_backup = {:.1} MiB, ratio {:.2}, goal <= 64 MiB + {:.0} MiB in-flight buffers = {:.0} MiB)",
@@ -322,7 +351,7 @@ async fn run() -> Result<(), String> {
         Err(e) => println!("bench: backup_full vs restic skipped ({e})"),
     }
 
-    // All zeros vs all random.
+    // All zeros vs all random, one volume at a time (disk).
     let zeros = b
         .volume(|f, size| {
             let z = vec![0u8; 64 * MIB as usize];
@@ -335,6 +364,8 @@ async fn run() -> Result<(), String> {
             }
         })
         .await;
+    let (t_zero, stored_zero) = b.backup(&zeros, "zeros", false).await;
+    b.remove(&zeros).await;
     let rand = b
         .volume(|f, size| {
             let mut off = 0;
@@ -346,15 +377,16 @@ async fn run() -> Result<(), String> {
             }
         })
         .await;
-    let (t_zero, stored_zero) = b.backup(&zeros, "zeros", false).await;
     let (t_rand, _) = b.backup(&rand, "random", false).await;
+    b.remove(&rand).await;
+    b.drop_backup("random").await;
     line(
         "backup_all_zero",
         mb_s(size, t_zero),
         "MB/s",
         "backup_all_random",
         mb_s(size, t_rand),
-        ">= 3.0",
+        ">= 10",
     );
     if stored_zero > size / 500 {
         return Err(format!("the all-zero volume stored {stored_zero} bytes"));
@@ -380,7 +412,7 @@ async fn run() -> Result<(), String> {
         "s",
         "backup_full_time",
         t_full.as_secs_f64(),
-        "<= 0.6",
+        "<= 0.15",
     );
     line(
         "backup_incremental_1pct_stored",
@@ -394,6 +426,7 @@ async fn run() -> Result<(), String> {
     // Restore vs zstd -d | dd.
     let target = b.volume(|_, _| {}).await;
     let t_restore = b.restore("full", &target).await;
+    b.remove(&target).await;
     let compressed = b.dir.path().join("volume.zst");
     let status = Command::new("zstd")
         .args(["-q", "-T0", "-3", "-f", &img, "-o"])
@@ -420,8 +453,10 @@ async fn run() -> Result<(), String> {
         "MB/s",
         "zstd_d_pipe_dd",
         mb_s(size, t_dd),
-        ">= 1.0",
+        ">= 0.9",
     );
+    let _ = std::fs::remove_file(&compressed);
+    let _ = std::fs::remove_file(&out);
     Ok(())
 }
 

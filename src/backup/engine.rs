@@ -1,13 +1,18 @@
 //! The backup pipeline and its inverse.
 //!
-//! Backup: one blocking reader walks the volume on a fixed grid of `chunk_size` chunks
-//! (chunks without allocated data, by `SEEK_DATA`, are holes and are not read); each chunk
-//! read goes to a worker (a blocking thread) that detects zeros, hashes its 32 KiB blocks,
-//! compares them with the parent's and, if the chunk changed, hashes and compresses it; the
-//! object is then written to the repository. At most `max_in_flight` chunks are in the
-//! workers and writes at once, and the reader is at most two chunks ahead, so a backup holds
-//! about `2 × chunk_size × (max_in_flight + 3)` bytes. Results are taken in chunk order to
-//! build the chunk table and the `sha256file`, written at the end, the metadata last.
+//! Backup: blocking readers walk the volume on a fixed grid of `chunk_size` chunks (chunks
+//! without allocated data, by `SEEK_DATA`, are holes and are not read), into buffers they
+//! reuse, a piece at a time: while a piece is in the cache they find its zero blocks and
+//! hash its 32 KiB blocks with BLAKE3. An all-zero chunk is a hole. Every other chunk goes
+//! to a worker (a blocking thread) that takes the SHA-256 of the blocks whose BLAKE3 the
+//! parent has from the parent's `sha256file`, computes the others, and, if the chunk
+//! changed, compresses it (unless a sample shows it does not compress); the object is then
+//! written to the repository. Two readers take alternate chunks (reading is what bounds an
+//! all-zero or mostly unchanged volume). At most `max_in_flight` chunks are in the
+//! workers and writes at once, and each reader is at most one chunk ahead besides the one it
+//! reads, so a backup holds about `2 × chunk_size × (max_in_flight + 4)` bytes. Results are taken in chunk order to build
+//! the chunk table, the `sha256file` and the `blake3file`, written at the end, the metadata
+//! last.
 //!
 //! Restore: chunks are fetched, decompressed and verified (SHA-256) by up to
 //! `max_in_flight` workers, each written at its offset only once verified; holes are
@@ -18,16 +23,16 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 
 use super::format::{
-    self, blocks_in, chunk_object, key, sha256, zero_digest, BackupStats, ChunkEntry, Compression,
-    Digest, Metadata, Sha256FileInfo, FORMAT_NAME, FORMAT_VERSION, METADATA, SHA256FILE,
+    self, blake3, blocks_in, chunk_digest, chunk_object, key, sha256, zero_digest,
+    zero_fast_digest, BackupStats, ChunkDigest, ChunkEntry, Compression, Digest, Metadata,
+    Sha256FileInfo, BLAKE3FILE, FORMAT_NAME, FORMAT_VERSION, METADATA, SHA256FILE,
     STATUS_AVAILABLE,
 };
 use super::repo::{RepoError, Repository};
@@ -126,6 +131,9 @@ pub struct Parent {
     pub meta: Metadata,
     /// Its `sha256file`, decoded.
     pub digests: Vec<Digest>,
+    /// Its `blake3file`, decoded (`None` for a version-1 backup, which has none: then every
+    /// block is compared by SHA-256).
+    pub fast: Option<Vec<Digest>>,
 }
 
 /// Unix seconds now.
@@ -137,46 +145,163 @@ pub fn now_secs() -> u64 {
 
 /// A chunk as the reader hands it over.
 enum Raw {
-    Hole {
-        offset: u64,
-        len: u64,
-    },
+    /// Unallocated or all zeros.
+    Hole { offset: u64, len: u64 },
+    /// Data, with what the reader found while the bytes were in its cache: which blocks are
+    /// zeros, and every block's BLAKE3.
     Data {
         index: u64,
         offset: u64,
         bytes: Vec<u8>,
+        zero: Vec<bool>,
+        fast: Vec<Digest>,
     },
+}
+
+/// How much a reader reads at a time before it scans and hashes it (fits a core's cache).
+const READ_PIECE: usize = 1 << 20;
+
+/// Reads chunk `[offset, offset + bytes.len())` into `bytes` a piece at a time, scanning
+/// each piece for zeros and hashing its blocks while it is still in the cache. Returns the
+/// per-block zero flags and BLAKE3 digests.
+fn read_chunk(
+    file: &File,
+    path: &Path,
+    offset: u64,
+    bytes: &mut [u8],
+) -> Result<(Vec<bool>, Vec<Digest>), BackupError> {
+    let blocks = blocks_in(bytes.len() as u64) as usize;
+    let (mut zero, mut fast) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+    let mut at = 0usize;
+    for piece in bytes.chunks_mut(READ_PIECE) {
+        file.read_exact_at(piece, offset + at as u64)
+            .map_err(BackupError::io("read", path))?;
+        at += piece.len();
+        for b in piece.chunks(BLOCK_SIZE as usize) {
+            let z = is_zero(b);
+            zero.push(z);
+            fast.push(if z {
+                zero_fast_digest(b.len() as u64)
+            } else {
+                blake3(b)
+            });
+        }
+    }
+    Ok((zero, fast))
 }
 
 /// What a worker made of a chunk.
 struct Done {
     entry: ChunkEntry,
+    /// SHA-256 of its blocks.
     digests: Vec<Digest>,
+    /// BLAKE3 of its blocks.
+    fast: Vec<Digest>,
     /// The object to write (compressed), for a changed data chunk.
     object: Option<Vec<u8>>,
+    /// The read buffer, when it is not the object: it goes back to the reader.
+    spare: Option<Vec<u8>>,
 }
 
-/// The digests of the blocks of a zero run of `len` bytes (block-aligned).
-fn zero_digests(len: u64) -> Vec<Digest> {
+/// The parent's side of one chunk: its entry and its blocks' digests.
+struct Before {
+    entry: ChunkEntry,
+    digests: Vec<Digest>,
+    fast: Option<Vec<Digest>>,
+}
+
+/// Read buffers given back once their chunk is done, so the reader neither allocates nor
+/// has the kernel zero a fresh chunk for every read. Holds at most `keep`.
+struct Buffers {
+    free: Mutex<Vec<Vec<u8>>>,
+    keep: usize,
+}
+
+impl Buffers {
+    fn new(keep: usize) -> Self {
+        Buffers {
+            free: Mutex::new(Vec::new()),
+            keep,
+        }
+    }
+
+    /// A buffer of `len` bytes (their content is whatever was there).
+    fn take(&self, len: usize) -> Vec<u8> {
+        let reused = self
+            .free
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .pop();
+        let mut b = reused.unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+
+    fn give(&self, b: Vec<u8>) {
+        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
+        if free.len() < self.keep {
+            free.push(b);
+        }
+    }
+}
+
+/// The per-block digests of a zero run of `len` bytes (block-aligned), with `digest` giving
+/// a zero block's.
+fn zero_run(len: u64, digest: fn(u64) -> Digest) -> Vec<Digest> {
     (0..blocks_in(len))
-        .map(|b| zero_digest((len - b * BLOCK_SIZE).min(BLOCK_SIZE)))
+        .map(|b| digest((len - b * BLOCK_SIZE).min(BLOCK_SIZE)))
         .collect()
 }
 
-/// Reads `path` on the chunk grid into `tx`; stops early when `stop` is set or the receiver
-/// is gone.
+/// A chunk of zeros as the chunk table and digest files record it.
+fn hole(offset: u64, len: u64, spare: Option<Vec<u8>>) -> Done {
+    Done {
+        entry: ChunkEntry::Hole {
+            offset,
+            length: len,
+        },
+        digests: zero_run(len, zero_digest),
+        fast: zero_run(len, zero_fast_digest),
+        object: None,
+        spare,
+    }
+}
+
+/// Whether a chunk is worth compressing: a sample of it (four 16 KiB pieces spread over it)
+/// must shrink by 2% at zstd's fastest level. Random or already compressed data fails and is
+/// stored as it is, without paying for a whole compression that would be thrown away.
+fn compressible(data: &[u8]) -> bool {
+    const PIECE: usize = 16 << 10;
+    if data.len() < 16 * PIECE {
+        return true;
+    }
+    let step = data.len() / 4;
+    let sample: Vec<u8> = (0..4)
+        .flat_map(|i| &data[i * step..i * step + PIECE])
+        .copied()
+        .collect();
+    zstd::bulk::compress(&sample, 1).map_or(true, |c| c.len() < sample.len() / 100 * 98)
+}
+
+/// Readers of one backup: each reads every `READERS`th chunk, so copying from the page
+/// cache or the device, which bounds an all-zero or mostly unchanged volume, runs on two
+/// cores.
+const READERS: u64 = 2;
+
+/// Reads chunks `first`, `first + READERS`, … of `path`'s chunk grid into `tx`; stops early
+/// when `stop` is set or the receiver is gone.
 fn read_grid(
     path: &Path,
-    size: u64,
-    chunk: u64,
+    (size, chunk, first): (u64, u64, u64),
     stop: &AtomicBool,
     tx: &mpsc::Sender<Result<Raw, BackupError>>,
+    buffers: &Buffers,
 ) -> Result<(), BackupError> {
     let file = File::open(path).map_err(BackupError::io("open", path))?;
     let ranges = data_ranges(&file, size);
     let mut r = 0usize;
-    let mut index = 0u64;
-    let mut offset = 0u64;
+    let mut index = first;
+    let mut offset = first * chunk;
     while offset < size {
         if stop.load(Ordering::Relaxed) {
             return Ok(());
@@ -188,13 +313,19 @@ fn read_grid(
         }
         let has_data = ranges.get(r).is_some_and(|(s, _)| *s < end);
         let raw = if has_data {
-            let mut bytes = vec![0u8; len as usize];
-            file.read_exact_at(&mut bytes, offset)
-                .map_err(BackupError::io("read", path))?;
-            Raw::Data {
-                index,
-                offset,
-                bytes,
+            let mut bytes = buffers.take(len as usize);
+            let (zero, fast) = read_chunk(&file, path, offset, &mut bytes)?;
+            if zero.iter().all(|z| *z) {
+                buffers.give(bytes);
+                Raw::Hole { offset, len }
+            } else {
+                Raw::Data {
+                    index,
+                    offset,
+                    bytes,
+                    zero,
+                    fast,
+                }
             }
         } else {
             Raw::Hole { offset, len }
@@ -202,8 +333,8 @@ fn read_grid(
         if tx.blocking_send(Ok(raw)).is_err() {
             return Ok(());
         }
-        index += 1;
-        offset = end;
+        index += READERS;
+        offset += READERS * chunk;
     }
     Ok(())
 }
@@ -219,52 +350,49 @@ where
         .unwrap_or_else(|e| Err(BackupError::Worker(e.to_string())))
 }
 
-/// The worker's part for one data chunk: zero detection, block digests, comparison with the
-/// parent, chunk digest and compression.
+/// The worker's part for one data chunk (the reader found its zero blocks and their
+/// BLAKE3): SHA-256 of the blocks (taken from the parent where the BLAKE3 matches it,
+/// computed otherwise), comparison with the parent, chunk digest and compression.
 fn digest_chunk(
     id: &BackupId,
-    index: u64,
-    offset: u64,
-    bytes: Vec<u8>,
-    parent: Option<(ChunkEntry, Vec<Digest>)>,
+    (index, offset): (u64, u64),
+    (bytes, zero, fast): (Vec<u8>, Vec<bool>, Vec<Digest>),
+    before: Option<Before>,
     compression: Compression,
     level: i32,
 ) -> Result<Done, BackupError> {
     let len = bytes.len() as u64;
-    if is_zero(&bytes) {
-        return Ok(Done {
-            entry: ChunkEntry::Hole {
-                offset,
-                length: len,
-            },
-            digests: zero_digests(len),
-            object: None,
-        });
-    }
-    let digests: Vec<Digest> = bytes
-        .chunks(BLOCK_SIZE as usize)
-        .map(|b| {
-            if is_zero(b) {
-                zero_digest(b.len() as u64)
-            } else {
-                sha256(b)
-            }
+    let blocks: Vec<&[u8]> = bytes.chunks(BLOCK_SIZE as usize).collect();
+    let known = before
+        .as_ref()
+        .and_then(|p| Some((&p.digests, p.fast.as_ref()?)));
+    let digests: Vec<Digest> = blocks
+        .iter()
+        .enumerate()
+        .map(|(i, b)| match known {
+            _ if zero[i] => zero_digest(b.len() as u64),
+            Some((sha, f)) if f[i] == fast[i] => sha[i],
+            _ => sha256(b),
         })
         .collect();
-    if let Some((entry, old)) = parent {
-        if old == digests {
+    if let Some(p) = before {
+        if p.digests == digests {
             return Ok(Done {
-                entry,
+                entry: p.entry,
                 digests,
+                fast,
                 object: None,
+                spare: Some(bytes),
             });
         }
     }
-    let digest = hex::encode(sha256(&bytes));
-    let (compression, stored) = match compression.encode(&bytes, level) {
-        // Incompressible data is stored as it is.
-        Ok(c) if c.len() < bytes.len() => (compression, c),
-        _ => (Compression::None, bytes),
+    let digest = hex::encode(chunk_digest(&digests));
+    let (compression, stored, spare) = match compression {
+        Compression::Zstd if compressible(&bytes) => match compression.encode(&bytes, level) {
+            Ok(c) if c.len() < bytes.len() => (compression, c, Some(bytes)),
+            _ => (Compression::None, bytes, None),
+        },
+        _ => (Compression::None, bytes, None),
     };
     let object = chunk_object(index);
     Ok(Done {
@@ -272,13 +400,16 @@ fn digest_chunk(
             offset,
             length: len,
             sha256: digest,
+            sha256_of: ChunkDigest::Blocks,
             compression,
             stored_length: stored.len() as u64,
             backup: id.to_string(),
             object,
         },
         digests,
+        fast,
         object: Some(stored),
+        spare,
     })
 }
 
@@ -300,50 +431,73 @@ pub async fn backup(
     let size = source.size;
     progress.total.store(size, Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
-    let (tx, rx) = mpsc::channel(2);
-    let reader = {
-        let (path, stop) = (source.path.clone(), stop.clone());
-        tokio::task::spawn_blocking(move || {
-            if let Err(e) = read_grid(&path, size, chunk, &stop, &tx) {
+    let buffers = Arc::new(Buffers::new(settings.max_in_flight.max(1) + 4));
+    let mut readers = Vec::new();
+    let mut queues = Vec::new();
+    for first in 0..READERS {
+        let (tx, rx) = mpsc::channel(1);
+        let (path, stop, buffers) = (source.path.clone(), stop.clone(), buffers.clone());
+        readers.push(tokio::task::spawn_blocking(move || {
+            if let Err(e) = read_grid(&path, (size, chunk, first), &stop, &tx, &buffers) {
                 let _ = tx.blocking_send(Err(e));
             }
-        })
-    };
+        }));
+        queues.push(rx);
+    }
+    // Chunk i comes from reader i mod READERS; the stream ends at the first reader with
+    // nothing more (the end of the volume, or a reader stopped by an error it sent).
+    let chunks_in_order = Box::pin(futures::stream::unfold(
+        (queues, 0usize),
+        |(mut queues, i)| async move {
+            let n = queues.len();
+            let raw = queues[i % n].recv().await?;
+            Some((raw, (queues, i + 1)))
+        },
+    ));
     let repo_name = repo.name().to_owned();
-    let work = ReceiverStream::new(rx).map(|raw| {
+    let work = chunks_in_order.map(|raw| {
         let (repo, stop, parent, id) = (repo.clone(), stop.clone(), parent.clone(), id.clone());
-        let repo_name = repo_name.clone();
+        let (repo_name, buffers) = (repo_name.clone(), buffers.clone());
         let (compression, level) = (settings.compression, settings.zstd_level);
         async move {
             if stop.load(Ordering::Relaxed) {
                 return Ok(None);
             }
-            let done = match raw? {
-                Raw::Hole { offset, len } => Done {
-                    entry: ChunkEntry::Hole {
-                        offset,
-                        length: len,
-                    },
-                    digests: zero_digests(len),
-                    object: None,
-                },
+            let mut done = match raw? {
+                Raw::Hole { offset, len } => hole(offset, len, None),
                 Raw::Data {
                     index,
                     offset,
                     bytes,
+                    zero,
+                    fast,
                 } => {
                     let len = bytes.len() as u64;
-                    let old = parent.as_ref().and_then(|p| {
+                    let before = parent.as_ref().and_then(|p| {
                         let e = p.meta.chunks.get(index as usize)?;
-                        let first = (offset / BLOCK_SIZE) as usize;
-                        let d = p.digests.get(first..first + blocks_in(len) as usize)?;
-                        (e.offset() == offset && e.length() == len).then(|| (e.clone(), d.to_vec()))
+                        let blocks = (offset / BLOCK_SIZE) as usize..;
+                        let blocks = blocks.start..blocks.start + blocks_in(len) as usize;
+                        let digests = p.digests.get(blocks.clone())?.to_vec();
+                        let fast = match &p.fast {
+                            Some(f) => Some(f.get(blocks)?.to_vec()),
+                            None => None,
+                        };
+                        (e.offset() == offset && e.length() == len).then(|| Before {
+                            entry: e.clone(),
+                            digests,
+                            fast,
+                        })
                     });
-                    worker(move || digest_chunk(&id, index, offset, bytes, old, compression, level))
-                        .await?
+                    let data = (bytes, zero, fast);
+                    worker(move || {
+                        digest_chunk(&id, (index, offset), data, before, compression, level)
+                    })
+                    .await?
                 }
             };
-            let mut done = done;
+            if let Some(b) = done.spare.take() {
+                buffers.give(b);
+            }
             if let (Some(stored), Some(k)) = (done.object.take(), done.entry.object_key()) {
                 let n = stored.len() as u64;
                 repo.put(&k, stored)
@@ -357,6 +511,7 @@ pub async fn backup(
     let mut work = work.buffered(settings.max_in_flight.max(1));
     let mut chunks = Vec::new();
     let mut digests: Vec<Digest> = Vec::with_capacity(blocks_in(size) as usize);
+    let mut fast: Vec<Digest> = Vec::with_capacity(blocks_in(size) as usize);
     let mut stats = BackupStats::default();
     let mut failure = None;
     while let Some(r) = work.next().await {
@@ -381,6 +536,7 @@ pub async fn backup(
                 }
                 progress.done.fetch_add(d.entry.length(), Ordering::Relaxed);
                 digests.extend(d.digests);
+                fast.extend(d.fast);
                 chunks.push(d.entry);
             }
             Ok(_) => {}
@@ -391,7 +547,9 @@ pub async fn backup(
         }
     }
     drop(work);
-    let _ = reader.await;
+    for r in readers {
+        let _ = r.await;
+    }
     if let Some(e) = failure {
         return Err(e);
     }
@@ -403,22 +561,35 @@ pub async fn backup(
         )));
     }
 
-    let raw = format::encode_digests(&digests);
-    let sha = hex::encode(sha256(&raw));
-    let (compression, level) = (settings.compression, settings.zstd_level);
-    let stored = worker(move || {
-        compression
-            .encode(&raw, level)
-            .map_err(|e| BackupError::Worker(format!("compress sha256file: {e}")))
-    })
-    .await?;
-    stats.stored_bytes += stored.len() as u64;
-    progress
-        .stored
-        .fetch_add(stored.len() as u64, Ordering::Relaxed);
-    repo.put(&key(id, SHA256FILE), stored)
-        .await
-        .map_err(BackupError::repo(&repo_name))?;
+    let mut files = Vec::new();
+    for (name, list) in [(SHA256FILE, digests), (BLAKE3FILE, fast)] {
+        let raw = format::encode_digests(&list);
+        let info = Sha256FileInfo {
+            object: name.into(),
+            compression: settings.compression,
+            blocks: list.len() as u64,
+            sha256: hex::encode(sha256(&raw)),
+        };
+        let (compression, level) = (settings.compression, settings.zstd_level);
+        let stored = worker(move || {
+            compression
+                .encode(&raw, level)
+                .map_err(|e| BackupError::Worker(format!("compress {name}: {e}")))
+        })
+        .await?;
+        stats.stored_bytes += stored.len() as u64;
+        progress
+            .stored
+            .fetch_add(stored.len() as u64, Ordering::Relaxed);
+        repo.put(&key(id, name), stored)
+            .await
+            .map_err(BackupError::repo(&repo_name))?;
+        files.push(info);
+    }
+    let blake3file = files.pop();
+    let sha256file = files
+        .pop()
+        .ok_or_else(|| BackupError::Worker("no sha256file was written".into()))?;
 
     let meta = Metadata {
         format: FORMAT_NAME.into(),
@@ -435,12 +606,8 @@ pub async fn backup(
         chunk_size: chunk,
         block_size: BLOCK_SIZE,
         compression: settings.compression,
-        sha256file: Sha256FileInfo {
-            object: SHA256FILE.into(),
-            compression: settings.compression,
-            blocks: digests.len() as u64,
-            sha256: sha,
-        },
+        sha256file,
+        blake3file,
         stats,
         chunks,
     };
@@ -465,19 +632,43 @@ pub async fn load_metadata(
     }
 }
 
-/// Reads and checks a backup's block digests (for an incremental backup on top of it).
+/// Reads and checks a backup's SHA-256 block digests.
 pub async fn load_digests(
     repo: &dyn Repository,
     meta: &Metadata,
 ) -> Result<Vec<Digest>, BackupError> {
+    load_digest_file(repo, meta, &meta.sha256file).await
+}
+
+/// Reads what an incremental backup on top of `meta` needs: its metadata and both digest
+/// files (the `blake3file` only where it has one).
+pub async fn load_parent(repo: &dyn Repository, meta: Metadata) -> Result<Parent, BackupError> {
+    let digests = load_digests(repo, &meta).await?;
+    let fast = match &meta.blake3file {
+        Some(info) => Some(load_digest_file(repo, &meta, info).await?),
+        None => None,
+    };
+    Ok(Parent {
+        meta,
+        digests,
+        fast,
+    })
+}
+
+/// Reads and checks one of a backup's digest files.
+async fn load_digest_file(
+    repo: &dyn Repository,
+    meta: &Metadata,
+    info: &Sha256FileInfo,
+) -> Result<Vec<Digest>, BackupError> {
     let id = meta.id()?;
-    let k = key(&id, &meta.sha256file.object);
+    let k = key(&id, &info.object);
     let stored = match repo.get(&k).await {
         Ok(b) => b,
         Err(RepoError::NotFound { .. }) => return Err(BackupError::MissingObject(k)),
         Err(e) => return Err(BackupError::repo(repo.name())(e)),
     };
-    let info = meta.sha256file.clone();
+    let info = info.clone();
     worker(move || {
         let raw = info
             .compression
@@ -609,6 +800,7 @@ pub async fn restore(
                     }
                     ChunkEntry::Data {
                         sha256: want,
+                        sha256_of,
                         compression,
                         backup,
                         object,
@@ -629,7 +821,7 @@ pub async fn restore(
                                     reason,
                                 }
                             })?;
-                            if hex::encode(sha256(&data)) != want {
+                            if !sha256_of.matches(&data, &want) {
                                 return Err(BackupError::Corrupt {
                                     object: k,
                                     reason: "its SHA-256 differs from the one in the metadata"
@@ -765,7 +957,7 @@ mod tests {
         );
         let mut objects = repo.list("b1").await.unwrap();
         objects.sort();
-        assert_eq!(objects.len(), 4 + 2, "{objects:?}");
+        assert_eq!(objects.len(), 4 + 3, "{objects:?}");
         assert_eq!(
             load_metadata(repo.as_ref(), &bid("b1")).await.unwrap(),
             Some(m.clone())
@@ -801,11 +993,8 @@ mod tests {
         f.write_all_at(b"CHANGED", 3 * MIB + 100).unwrap();
         f.write_all_at(b"new data", 7 * MIB).unwrap();
         drop(f);
-        let digests = load_digests(repo.as_ref(), &full).await.unwrap();
-        let parent = Arc::new(Parent {
-            meta: full.clone(),
-            digests,
-        });
+        let parent = Arc::new(load_parent(repo.as_ref(), full.clone()).await.unwrap());
+        assert!(parent.fast.is_some());
         let inc = backup(
             repo.clone(),
             &bid("b2"),
@@ -838,6 +1027,74 @@ mod tests {
             matches!(err, BackupError::ChainBroken { ref missing, .. } if missing.as_str() == "b1"),
             "{err:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn incremental_on_a_parent_without_blake3file_compares_by_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vol, size) = volume(dir.path());
+        let repo = repo(dir.path());
+        let s = settings();
+        let full = backup(
+            repo.clone(),
+            &bid("b1"),
+            &source(&vol, size),
+            None,
+            &s,
+            &Progress::default(),
+        )
+        .await
+        .unwrap();
+        let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
+        f.write_all_at(b"CHANGED", 3 * MIB + 100).unwrap();
+        drop(f);
+        // A version-1 parent: no BLAKE3 digests to compare with.
+        let mut parent = load_parent(repo.as_ref(), full.clone()).await.unwrap();
+        parent.fast = None;
+        let inc = backup(
+            repo.clone(),
+            &bid("b2"),
+            &source(&vol, size),
+            Some(Arc::new(parent)),
+            &s,
+            &Progress::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            (inc.stats.stored_chunks, inc.stats.reused_chunks),
+            (1, 3),
+            "{:?}",
+            inc.stats
+        );
+        // The digests are the same whichever way they were found.
+        let by_blake3 = backup(
+            repo.clone(),
+            &bid("b3"),
+            &source(&vol, size),
+            Some(Arc::new(load_parent(repo.as_ref(), full).await.unwrap())),
+            &s,
+            &Progress::default(),
+        )
+        .await
+        .unwrap();
+        assert_eq!(by_blake3.sha256file.sha256, inc.sha256file.sha256);
+        assert_eq!(
+            load_digests(repo.as_ref(), &inc).await.unwrap(),
+            format::block_digests(&std::fs::read(&vol).unwrap())
+        );
+    }
+
+    #[test]
+    fn random_chunks_skip_compression_and_text_does_not() {
+        use rand::RngCore;
+        let mut random = vec![0u8; 4 * MIB as usize];
+        rand::thread_rng().fill_bytes(&mut random);
+        assert!(!compressible(&random));
+        let text = "volume=vol-7 latency_us=123 status=ok\n".repeat(120_000);
+        assert!(compressible(text.as_bytes()));
+        // Small chunks are simply compressed.
+        assert!(compressible(&random[..64 * 1024]));
     }
 
     #[tokio::test]
@@ -942,7 +1199,10 @@ mod tests {
             .iter()
             .all(|c| matches!(c, ChunkEntry::Hole { .. })));
         assert_eq!(m.stats.stored_chunks, 0);
-        assert_eq!(repo.list("z").await.unwrap(), [METADATA, SHA256FILE]);
+        assert_eq!(
+            repo.list("z").await.unwrap(),
+            [BLAKE3FILE, METADATA, SHA256FILE]
+        );
         let digests = load_digests(repo.as_ref(), &m).await.unwrap();
         assert!(digests.iter().all(|d| *d == format::zero_block_digest()));
     }

@@ -640,6 +640,9 @@ impl AgentService {
                 Err(Arc::new(AgentError::Backup(e)))
             }
         };
+        // Guards and pin go before the outcome is told: whoever waits for it may delete the
+        // volume or the parent backup at once.
+        drop((t._guards, t._pin));
         let _ = t.tx.send(Some(outcome));
     }
 
@@ -665,8 +668,7 @@ impl AgentService {
             volume: volume.to_string(),
             repository: repo.name().to_owned(),
         })?;
-        let digests = engine::load_digests(repo, &meta).await?;
-        Ok(Parent { meta, digests })
+        Ok(engine::load_parent(repo, meta).await?)
     }
 
     /// Every container of a repository with its metadata: `Ok(None)` for a container without
@@ -942,7 +944,7 @@ impl AgentService {
         let volume = volume.clone();
         let id = id.clone();
         tokio::spawn(async move {
-            let _guard: Guard = guard;
+            let guard: Guard = guard;
             let started = Instant::now();
             let result = engine::restore(
                 repo.clone(),
@@ -980,6 +982,7 @@ impl AgentService {
             if outcome.is_ok() {
                 tr.restore_written_bytes.add(meta.volume_size);
             }
+            drop(guard);
             let _ = tx.send(Some(outcome));
         });
         Ok(running)
@@ -1091,6 +1094,7 @@ impl AgentService {
             .await
             .map_err(BackupError::repo(repo.name()))?;
         let mut needed = vec![meta.sha256file.object.clone()];
+        needed.extend(meta.blake3file.iter().map(|f| f.object.clone()));
         needed.extend(meta.chunks.iter().filter_map(|c| match c {
             format::ChunkEntry::Data { backup, object, .. } if *backup == meta.backup_id => {
                 Some(object.clone())
