@@ -8,11 +8,11 @@
 //! parent has from the parent's `sha256file`, computes the others, and, if the chunk
 //! changed, compresses it (unless a sample shows it does not compress); the object is then
 //! written to the repository. Two readers take alternate chunks (reading is what bounds an
-//! all-zero or mostly unchanged volume). At most `max_in_flight` chunks are in the
-//! workers and writes at once, and each reader is at most one chunk ahead besides the one it
-//! reads, so a backup holds about `2 × chunk_size × (max_in_flight + 4)` bytes. Results are taken in chunk order to build
-//! the chunk table, the `sha256file` and the `blake3file`, written at the end, the metadata
-//! last.
+//! all-zero or mostly unchanged volume). At most `max_in_flight` chunks are in the workers
+//! and writes at once, and each reader is at most one chunk ahead besides the one it reads,
+//! so a backup holds about `2 × chunk_size × (max_in_flight + 4)` bytes. Results are taken
+//! in chunk order to build the chunk table, the `sha256file` and the `blake3file`, written
+//! at the end, the metadata last.
 //!
 //! Restore: chunks are fetched, decompressed and verified (SHA-256) by up to
 //! `max_in_flight` workers, each written at its offset only once verified; holes are
@@ -475,8 +475,8 @@ pub async fn backup(
                     let len = bytes.len() as u64;
                     let before = parent.as_ref().and_then(|p| {
                         let e = p.meta.chunks.get(index as usize)?;
-                        let blocks = (offset / BLOCK_SIZE) as usize..;
-                        let blocks = blocks.start..blocks.start + blocks_in(len) as usize;
+                        let first = (offset / BLOCK_SIZE) as usize;
+                        let blocks = first..first + blocks_in(len) as usize;
                         let digests = p.digests.get(blocks.clone())?.to_vec();
                         let fast = match &p.fast {
                             Some(f) => Some(f.get(blocks)?.to_vec()),
@@ -561,35 +561,10 @@ pub async fn backup(
         )));
     }
 
-    let mut files = Vec::new();
-    for (name, list) in [(SHA256FILE, digests), (BLAKE3FILE, fast)] {
-        let raw = format::encode_digests(&list);
-        let info = Sha256FileInfo {
-            object: name.into(),
-            compression: settings.compression,
-            blocks: list.len() as u64,
-            sha256: hex::encode(sha256(&raw)),
-        };
-        let (compression, level) = (settings.compression, settings.zstd_level);
-        let stored = worker(move || {
-            compression
-                .encode(&raw, level)
-                .map_err(|e| BackupError::Worker(format!("compress {name}: {e}")))
-        })
-        .await?;
-        stats.stored_bytes += stored.len() as u64;
-        progress
-            .stored
-            .fetch_add(stored.len() as u64, Ordering::Relaxed);
-        repo.put(&key(id, name), stored)
-            .await
-            .map_err(BackupError::repo(&repo_name))?;
-        files.push(info);
-    }
-    let blake3file = files.pop();
-    let sha256file = files
-        .pop()
-        .ok_or_else(|| BackupError::Worker("no sha256file was written".into()))?;
+    let (sha256file, n) = put_digest_file(repo.as_ref(), id, SHA256FILE, digests, settings).await?;
+    let (blake3file, m) = put_digest_file(repo.as_ref(), id, BLAKE3FILE, fast, settings).await?;
+    stats.stored_bytes += n + m;
+    progress.stored.fetch_add(n + m, Ordering::Relaxed);
 
     let meta = Metadata {
         format: FORMAT_NAME.into(),
@@ -607,7 +582,7 @@ pub async fn backup(
         block_size: BLOCK_SIZE,
         compression: settings.compression,
         sha256file,
-        blake3file,
+        blake3file: Some(blake3file),
         stats,
         chunks,
     };
@@ -616,6 +591,36 @@ pub async fn backup(
         .await
         .map_err(BackupError::repo(&repo_name))?;
     Ok(meta)
+}
+
+/// Writes one of a backup's digest files (`sha256file`, `blake3file`); returns its metadata
+/// entry and the bytes stored.
+async fn put_digest_file(
+    repo: &dyn Repository,
+    id: &BackupId,
+    name: &'static str,
+    digests: Vec<Digest>,
+    settings: &Settings,
+) -> Result<(Sha256FileInfo, u64), BackupError> {
+    let raw = format::encode_digests(&digests);
+    let info = Sha256FileInfo {
+        object: name.into(),
+        compression: settings.compression,
+        blocks: digests.len() as u64,
+        sha256: hex::encode(sha256(&raw)),
+    };
+    let (compression, level) = (settings.compression, settings.zstd_level);
+    let stored = worker(move || {
+        compression
+            .encode(&raw, level)
+            .map_err(|e| BackupError::Worker(format!("compress {name}: {e}")))
+    })
+    .await?;
+    let n = stored.len() as u64;
+    repo.put(&key(id, name), stored)
+        .await
+        .map_err(BackupError::repo(repo.name()))?;
+    Ok((info, n))
 }
 
 /// Reads a backup's metadata; `None` when the container has none (no such backup, or an
@@ -972,39 +977,41 @@ mod tests {
         assert!(got[..size as usize] == want[..], "restored bytes differ");
     }
 
+    /// Backup `id` of the test volume with the test settings.
+    async fn back_up(
+        repo: &Arc<dyn Repository>,
+        id: &str,
+        (vol, size): (&Path, u64),
+        parent: Option<Parent>,
+    ) -> Metadata {
+        let parent = parent.map(Arc::new);
+        backup(
+            repo.clone(),
+            &bid(id),
+            &source(vol, size),
+            parent,
+            &settings(),
+            &Progress::default(),
+        )
+        .await
+        .unwrap()
+    }
+
     #[tokio::test]
     async fn incremental_stores_changed_chunks_and_restores_through_the_chain() {
         let dir = tempfile::tempdir().unwrap();
         let (vol, size) = volume(dir.path());
         let repo = repo(dir.path());
         let s = settings();
-        let full = backup(
-            repo.clone(),
-            &bid("b1"),
-            &source(&vol, size),
-            None,
-            &s,
-            &Progress::default(),
-        )
-        .await
-        .unwrap();
+        let full = back_up(&repo, "b1", (&vol, size), None).await;
         // Change one block of the text chunk and write into a former hole.
         let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
         f.write_all_at(b"CHANGED", 3 * MIB + 100).unwrap();
         f.write_all_at(b"new data", 7 * MIB).unwrap();
         drop(f);
-        let parent = Arc::new(load_parent(repo.as_ref(), full.clone()).await.unwrap());
+        let parent = load_parent(repo.as_ref(), full.clone()).await.unwrap();
         assert!(parent.fast.is_some());
-        let inc = backup(
-            repo.clone(),
-            &bid("b2"),
-            &source(&vol, size),
-            Some(parent),
-            &s,
-            &Progress::default(),
-        )
-        .await
-        .unwrap();
+        let inc = back_up(&repo, "b2", (&vol, size), Some(parent)).await;
         assert_eq!(inc.parent_id.as_deref(), Some("b1"));
         assert_eq!(inc.stats.stored_chunks, 2, "{:?}", inc.stats);
         assert_eq!(inc.stats.reused_chunks, 3, "{:?}", inc.stats);
@@ -1034,33 +1041,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let (vol, size) = volume(dir.path());
         let repo = repo(dir.path());
-        let s = settings();
-        let full = backup(
-            repo.clone(),
-            &bid("b1"),
-            &source(&vol, size),
-            None,
-            &s,
-            &Progress::default(),
-        )
-        .await
-        .unwrap();
+        let full = back_up(&repo, "b1", (&vol, size), None).await;
         let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
         f.write_all_at(b"CHANGED", 3 * MIB + 100).unwrap();
         drop(f);
         // A version-1 parent: no BLAKE3 digests to compare with.
         let mut parent = load_parent(repo.as_ref(), full.clone()).await.unwrap();
         parent.fast = None;
-        let inc = backup(
-            repo.clone(),
-            &bid("b2"),
-            &source(&vol, size),
-            Some(Arc::new(parent)),
-            &s,
-            &Progress::default(),
-        )
-        .await
-        .unwrap();
+        let inc = back_up(&repo, "b2", (&vol, size), Some(parent)).await;
         assert_eq!(
             (inc.stats.stored_chunks, inc.stats.reused_chunks),
             (1, 3),
@@ -1068,16 +1056,8 @@ mod tests {
             inc.stats
         );
         // The digests are the same whichever way they were found.
-        let by_blake3 = backup(
-            repo.clone(),
-            &bid("b3"),
-            &source(&vol, size),
-            Some(Arc::new(load_parent(repo.as_ref(), full).await.unwrap())),
-            &s,
-            &Progress::default(),
-        )
-        .await
-        .unwrap();
+        let parent = load_parent(repo.as_ref(), full).await.unwrap();
+        let by_blake3 = back_up(&repo, "b3", (&vol, size), Some(parent)).await;
         assert_eq!(by_blake3.sha256file.sha256, inc.sha256file.sha256);
         assert_eq!(
             load_digests(repo.as_ref(), &inc).await.unwrap(),

@@ -70,27 +70,28 @@ pub fn block_digests(data: &[u8]) -> Vec<Digest> {
 /// The digest of a full block of zeros (what every block of a hole contributes to the
 /// `sha256file`), computed once.
 pub fn zero_block_digest() -> Digest {
-    static ZERO: OnceLock<Digest> = OnceLock::new();
-    *ZERO.get_or_init(|| sha256(&[0u8; BLOCK_SIZE as usize]))
+    zero_digest(BLOCK_SIZE)
+}
+
+/// `hash` of `len` zero bytes; a full block's from `full`, computed once.
+fn zero_of(len: u64, hash: fn(&[u8]) -> Digest, full: &OnceLock<Digest>) -> Digest {
+    if len == BLOCK_SIZE {
+        *full.get_or_init(|| hash(&[0u8; BLOCK_SIZE as usize]))
+    } else {
+        hash(&vec![0u8; len as usize])
+    }
 }
 
 /// The digest of a zero block of `len` bytes (`len` < 32 KiB only for a volume's last block).
 pub fn zero_digest(len: u64) -> Digest {
-    if len == BLOCK_SIZE {
-        zero_block_digest()
-    } else {
-        sha256(&vec![0u8; len as usize])
-    }
+    static FULL: OnceLock<Digest> = OnceLock::new();
+    zero_of(len, sha256, &FULL)
 }
 
 /// The BLAKE3 of a zero block of `len` bytes (for the `blake3file`).
 pub fn zero_fast_digest(len: u64) -> Digest {
-    static ZERO: OnceLock<Digest> = OnceLock::new();
-    if len == BLOCK_SIZE {
-        *ZERO.get_or_init(|| blake3(&[0u8; BLOCK_SIZE as usize]))
-    } else {
-        blake3(&vec![0u8; len as usize])
-    }
+    static FULL: OnceLock<Digest> = OnceLock::new();
+    zero_of(len, blake3, &FULL)
 }
 
 /// Number of 32 KiB blocks covering `bytes`.
