@@ -251,18 +251,34 @@ impl Default for Transfers {
     }
 }
 
+/// The two kinds of transfer between a volume and a repository.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Transfer {
+    Backup,
+    Restore,
+}
+
+impl Transfer {
+    /// The `op` label of the duration histogram.
+    fn label(self) -> &'static str {
+        match self {
+            Transfer::Backup => "backup",
+            Transfer::Restore => "restore",
+        }
+    }
+}
+
 impl Transfers {
     /// Records one finished backup or restore of `bytes` volume bytes that began at `started`.
-    fn finished(&self, op: &str, ok: bool, started: Instant, bytes: u64) {
+    fn finished(&self, op: Transfer, ok: bool, started: Instant, bytes: u64) {
         let secs = started.elapsed().as_secs_f64();
         let result = if ok { "ok" } else { "failed" };
-        self.seconds.observe(&[op, result], secs);
+        self.seconds.observe(&[op.label(), result], secs);
         if ok && secs > 0.0 {
             let rate = (bytes as f64 / secs) as u64;
-            let last = if op == "backup" {
-                &self.last_backup_rate
-            } else {
-                &self.last_restore_rate
+            let last = match op {
+                Transfer::Backup => &self.last_backup_rate,
+                Transfer::Restore => &self.last_restore_rate,
             };
             last.set(rate);
         }
@@ -617,7 +633,7 @@ impl AgentService {
         }
         lock(&self.backups.activity).remove(&t.volume);
         let tr = &self.backups.transfers;
-        tr.finished("backup", result.is_ok(), started, t.progress.done());
+        tr.finished(Transfer::Backup, result.is_ok(), started, t.progress.done());
         let outcome = match result {
             Ok(meta) => {
                 tr.backup_read_bytes.add(meta.volume_size);
@@ -978,7 +994,12 @@ impl AgentService {
             };
             lock(&me.backups.activity).remove(&volume);
             let tr = &me.backups.transfers;
-            tr.finished("restore", outcome.is_ok(), started, meta.volume_size);
+            tr.finished(
+                Transfer::Restore,
+                outcome.is_ok(),
+                started,
+                meta.volume_size,
+            );
             if outcome.is_ok() {
                 tr.restore_written_bytes.add(meta.volume_size);
             }
