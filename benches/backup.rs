@@ -14,7 +14,9 @@
 //! The volume is `CINDERBLOCK_BENCH_BACKUP_MIB` MiB (default 4096, as issue 7 asks): half
 //! random, a quarter text-like (compressible), a quarter zeros (written, so read and
 //! detected). Volumes and baseline outputs are removed once measured, so the run needs about
-//! three volumes of disk under `TMPDIR` (default /var/tmp). The goals are the issue's. stdout
+//! three volumes of disk under `TMPDIR` (default /var/tmp). To profile one backup,
+//! `CINDERBLOCK_BENCH_BACKUP_ONLY=full` stops after the full backup's first line, and
+//! `=incremental` runs only the full and the incremental. The goals are the issue's. stdout
 //! gets one line per figure in the project's bench format:
 //!
 //! ```text
@@ -328,6 +330,95 @@ async fn run() -> Result<(), String> {
         mb_s(size, t_pipe),
         ">= 0.9",
     );
+    // CINDERBLOCK_BENCH_BACKUP_ONLY=full stops here, =incremental goes on with the
+    // incremental and stops after it: profiles of one backup (`perf record` around the
+    // bench).
+    let only = std::env::var("CINDERBLOCK_BENCH_BACKUP_ONLY").ok();
+    if only.as_deref() == Some("full") {
+        return Ok(());
+    }
+    if only.as_deref() != Some("incremental") {
+        others(&mut b, &image, size, (t_full, peak, rss_before)).await?;
+    }
+    // Incremental after 1% changed (in 1 MiB runs, spread over the volume) vs full.
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&image)
+        .map_err(|e| e.to_string())?;
+    let runs = (size / 100 / MIB).max(1);
+    for i in 0..runs {
+        let off = (i * 2 + 1) * (size / (runs * 2)) / MIB * MIB;
+        f.write_all_at(&random(MIB as usize), off)
+            .map_err(|e| e.to_string())?;
+    }
+    f.sync_all().map_err(|e| e.to_string())?;
+    drop(f);
+    let (t_inc, stored_inc) = b.backup(&mixed, "inc", true).await;
+    line(
+        "backup_incremental_1pct_time",
+        t_inc.as_secs_f64(),
+        "s",
+        "backup_full_time",
+        t_full.as_secs_f64(),
+        "<= 0.15",
+    );
+    line(
+        "backup_incremental_1pct_stored",
+        stored_inc as f64 / MIB as f64,
+        "MiB",
+        "backup_full_stored",
+        stored_full as f64 / MIB as f64,
+        "<= 0.05",
+    );
+    if only.is_some() {
+        return Ok(());
+    }
+
+    // Restore vs zstd -d | dd.
+    let target = b.volume(|_, _| {}).await;
+    let t_restore = b.restore("full", &target).await;
+    b.remove(&target).await;
+    let compressed = b.dir.path().join("volume.zst");
+    let status = Command::new("zstd")
+        .args(["-q", "-T0", "-3", "-f", &img, "-o"])
+        .arg(&compressed)
+        .status()
+        .map_err(|e| format!("zstd: {e}"))?;
+    if !status.success() {
+        return Err("zstd -3 failed".into());
+    }
+    let out = b.dir.path().join("dd.out");
+    let t_dd = pipe(
+        &["zstd", "-d", "-c", &compressed.display().to_string()],
+        &[
+            "dd",
+            &format!("of={}", out.display()),
+            "bs=4M",
+            "conv=fsync",
+            "status=none",
+        ],
+    )?;
+    line(
+        "restore_full",
+        mb_s(size, t_restore),
+        "MB/s",
+        "zstd_d_pipe_dd",
+        mb_s(size, t_dd),
+        ">= 0.9",
+    );
+    let _ = std::fs::remove_file(&compressed);
+    let _ = std::fs::remove_file(&out);
+    Ok(())
+}
+
+/// The figures between the full backup and the incremental: peak RSS, restic, all-zero vs
+/// random.
+async fn others(
+    b: &mut Bench,
+    image: &Path,
+    size: u64,
+    (t_full, peak, rss_before): (Duration, u64, u64),
+) -> Result<(), String> {
     let bc = &config(b.dir.path()).backup;
     let buffers = 2 * bc.chunk_size * (bc.max_in_flight as u64 + 4);
     let mib = |kib: u64| kib as f64 / 1024.0;
@@ -339,7 +430,7 @@ async fn run() -> Result<(), String> {
         (buffers / MIB) as f64,
         64.0 + (buffers / MIB) as f64,
     );
-    match restic(&image, b.dir.path()) {
+    match restic(image, b.dir.path()) {
         Ok(t) => line(
             "backup_full",
             mb_s(size, t_full),
@@ -392,71 +483,6 @@ async fn run() -> Result<(), String> {
         return Err(format!("the all-zero volume stored {stored_zero} bytes"));
     }
 
-    // Incremental after 1% changed (in 1 MiB runs, spread over the volume) vs full.
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(&image)
-        .map_err(|e| e.to_string())?;
-    let runs = (size / 100 / MIB).max(1);
-    for i in 0..runs {
-        let off = (i * 2 + 1) * (size / (runs * 2)) / MIB * MIB;
-        f.write_all_at(&random(MIB as usize), off)
-            .map_err(|e| e.to_string())?;
-    }
-    f.sync_all().map_err(|e| e.to_string())?;
-    drop(f);
-    let (t_inc, stored_inc) = b.backup(&mixed, "inc", true).await;
-    line(
-        "backup_incremental_1pct_time",
-        t_inc.as_secs_f64(),
-        "s",
-        "backup_full_time",
-        t_full.as_secs_f64(),
-        "<= 0.15",
-    );
-    line(
-        "backup_incremental_1pct_stored",
-        stored_inc as f64 / MIB as f64,
-        "MiB",
-        "backup_full_stored",
-        stored_full as f64 / MIB as f64,
-        "<= 0.05",
-    );
-
-    // Restore vs zstd -d | dd.
-    let target = b.volume(|_, _| {}).await;
-    let t_restore = b.restore("full", &target).await;
-    b.remove(&target).await;
-    let compressed = b.dir.path().join("volume.zst");
-    let status = Command::new("zstd")
-        .args(["-q", "-T0", "-3", "-f", &img, "-o"])
-        .arg(&compressed)
-        .status()
-        .map_err(|e| format!("zstd: {e}"))?;
-    if !status.success() {
-        return Err("zstd -3 failed".into());
-    }
-    let out = b.dir.path().join("dd.out");
-    let t_dd = pipe(
-        &["zstd", "-d", "-c", &compressed.display().to_string()],
-        &[
-            "dd",
-            &format!("of={}", out.display()),
-            "bs=4M",
-            "conv=fsync",
-            "status=none",
-        ],
-    )?;
-    line(
-        "restore_full",
-        mb_s(size, t_restore),
-        "MB/s",
-        "zstd_d_pipe_dd",
-        mb_s(size, t_dd),
-        ">= 0.9",
-    );
-    let _ = std::fs::remove_file(&compressed);
-    let _ = std::fs::remove_file(&out);
     Ok(())
 }
 
