@@ -6,16 +6,18 @@
 //! hash its 32 KiB blocks with BLAKE3. An all-zero chunk is a hole. Every other chunk goes
 //! to a worker (a blocking thread) that takes the SHA-256 of the blocks whose BLAKE3 the
 //! parent has from the parent's `sha256file`, computes the others, and, if the chunk
-//! changed, compresses it (unless a sample shows it does not compress); the object is then
-//! written to the repository. Two readers take alternate chunks (reading is what bounds an
+//! changed, makes its object: the whole chunk, or only its changed blocks when the parent has
+//! the rest (the unchanged ranges keep pointing into the parent's objects), compressed unless
+//! a sample shows it does not compress; the object is then written to the repository. Two readers take alternate chunks (reading is what bounds an
 //! all-zero or mostly unchanged volume). At most `max_in_flight` chunks are in the workers
 //! and writes at once, and each reader is at most one chunk ahead besides the one it reads,
 //! so a backup holds about `2 × chunk_size × (max_in_flight + 4)` bytes. Results are taken
 //! in chunk order to build the chunk table, the `sha256file` and the `blake3file`, written
 //! at the end, the metadata last.
 //!
-//! Restore: chunks are fetched, decompressed and verified (SHA-256) by up to
-//! `max_in_flight` workers, each written at its offset only once verified; holes are
+//! Restore: objects are fetched and decompressed by up to `max_in_flight` workers, once for
+//! all the entries of a chunk that use them; each entry is verified (SHA-256) and written at
+//! its offset only once verified; holes are
 //! zeroed (punched out of files). The first failure stops the rest: work already in flight
 //! finishes, nothing new starts.
 
@@ -136,6 +138,34 @@ pub struct Parent {
     pub fast: Option<Vec<Digest>>,
 }
 
+impl Parent {
+    /// Its side of chunk `[offset, offset + len)`: the entries over it and the digests of its
+    /// blocks (`None` if the parent does not cover it the same way).
+    fn before(&self, offset: u64, len: u64) -> Option<Before> {
+        let first = (offset / BLOCK_SIZE) as usize;
+        let blocks = first..first + blocks_in(len) as usize;
+        let digests = self.digests.get(blocks.clone())?.to_vec();
+        let fast = match &self.fast {
+            Some(f) => Some(f.get(blocks)?.to_vec()),
+            None => None,
+        };
+        let end = offset + len;
+        let from = self.meta.chunks.partition_point(|e| e.offset() < offset);
+        let entries: Vec<ChunkEntry> = self.meta.chunks[from..]
+            .iter()
+            .take_while(|e| e.offset() < end)
+            .cloned()
+            .collect();
+        let covered: u64 = entries.iter().map(ChunkEntry::length).sum();
+        let aligned = entries.first().is_some_and(|e| e.offset() == offset);
+        (aligned && covered == len).then_some(Before {
+            entries,
+            digests,
+            fast,
+        })
+    }
+}
+
 /// Unix seconds now.
 pub fn now_secs() -> u64 {
     SystemTime::now()
@@ -192,20 +222,23 @@ fn read_chunk(
 
 /// What a worker made of a chunk.
 struct Done {
-    entry: ChunkEntry,
+    /// Its entries in the chunk table (one, or several when only changed blocks are stored).
+    entries: Vec<ChunkEntry>,
     /// SHA-256 of its blocks.
     digests: Vec<Digest>,
     /// BLAKE3 of its blocks.
     fast: Vec<Digest>,
-    /// The object to write (compressed), for a changed data chunk.
-    object: Option<Vec<u8>>,
+    /// The object to write (name, encoded bytes), for a changed data chunk.
+    object: Option<(String, Vec<u8>)>,
+    /// Bytes written for it to the repository (once written).
+    stored: u64,
     /// The read buffer, when it is not the object: it goes back to the reader.
     spare: Option<Vec<u8>>,
 }
 
-/// The parent's side of one chunk: its entry and its blocks' digests.
+/// The parent's side of one chunk: its entries and its blocks' digests.
 struct Before {
-    entry: ChunkEntry,
+    entries: Vec<ChunkEntry>,
     digests: Vec<Digest>,
     fast: Option<Vec<Digest>>,
 }
@@ -256,13 +289,14 @@ fn zero_run(len: u64, digest: fn(u64) -> Digest) -> Vec<Digest> {
 /// A chunk of zeros as the chunk table and digest files record it.
 fn hole(offset: u64, len: u64, spare: Option<Vec<u8>>) -> Done {
     Done {
-        entry: ChunkEntry::Hole {
+        entries: vec![ChunkEntry::Hole {
             offset,
             length: len,
-        },
+        }],
         digests: zero_run(len, zero_digest),
         fast: zero_run(len, zero_fast_digest),
         object: None,
+        stored: 0,
         spare,
     }
 }
@@ -352,7 +386,10 @@ where
 
 /// The worker's part for one data chunk (the reader found its zero blocks and their
 /// BLAKE3): SHA-256 of the blocks (taken from the parent where the BLAKE3 matches it,
-/// computed otherwise), comparison with the parent, chunk digest and compression.
+/// computed otherwise) and comparison with the parent. A chunk that changed gets an object:
+/// all of it, or, when the parent has some of its blocks, only the changed ones (the
+/// unchanged ranges keep pointing into the parent's objects); compressed unless a sample
+/// shows it does not compress.
 fn digest_chunk(
     id: &BackupId,
     (index, offset): (u64, u64),
@@ -361,7 +398,6 @@ fn digest_chunk(
     compression: Compression,
     level: i32,
 ) -> Result<Done, BackupError> {
-    let len = bytes.len() as u64;
     let blocks: Vec<&[u8]> = bytes.chunks(BLOCK_SIZE as usize).collect();
     let known = before
         .as_ref()
@@ -375,42 +411,150 @@ fn digest_chunk(
             _ => sha256(b),
         })
         .collect();
-    if let Some(p) = before {
-        if p.digests == digests {
+    let object = chunk_object(index);
+    let changed: Vec<bool> = match &before {
+        Some(p) if p.digests == digests => {
             return Ok(Done {
-                entry: p.entry,
+                entries: before.map(|p| p.entries).unwrap_or_default(),
                 digests,
                 fast,
                 object: None,
+                stored: 0,
                 spare: Some(bytes),
             });
         }
-    }
-    let digest = hex::encode(chunk_digest(&digests));
-    let (compression, stored, spare) = match compression {
-        Compression::Zstd if compressible(&bytes) => match compression.encode(&bytes, level) {
-            Ok(c) if c.len() < bytes.len() => (compression, c, Some(bytes)),
-            _ => (Compression::None, bytes, None),
-        },
-        _ => (Compression::None, bytes, None),
+        Some(p) => digests
+            .iter()
+            .zip(&p.digests)
+            .map(|(a, b)| a != b)
+            .collect(),
+        None => vec![true; digests.len()],
     };
-    let object = chunk_object(index);
-    Ok(Done {
-        entry: ChunkEntry::Data {
-            offset,
-            length: len,
-            sha256: digest,
-            sha256_of: ChunkDigest::Blocks,
-            compression,
-            stored_length: stored.len() as u64,
-            backup: id.to_string(),
-            object,
+    // Runs of changed blocks go, one after the other, into this chunk's new object; runs
+    // of unchanged blocks keep pointing into the parent's objects.
+    let block = BLOCK_SIZE as usize;
+    let mut entries = Vec::new();
+    let mut parts = Vec::new();
+    let mut fresh: Vec<u8> = Vec::new();
+    let mut a = 0;
+    while a < changed.len() {
+        let b = a + changed[a..]
+            .iter()
+            .take_while(|c| **c == changed[a])
+            .count();
+        let (from, to) = (a * block, (b * block).min(bytes.len()));
+        let range = (offset + from as u64, offset + to as u64);
+        if changed[a] {
+            parts.push(entries.len());
+            entries.push(ChunkEntry::Data {
+                offset: range.0,
+                length: range.1 - range.0,
+                sha256: hex::encode(chunk_digest(&digests[a..b])),
+                sha256_of: ChunkDigest::Blocks,
+                compression: Compression::None,
+                stored_length: 0,
+                backup: id.to_string(),
+                object: object.clone(),
+                object_offset: fresh.len() as u64,
+                object_length: None,
+            });
+            if a > 0 || b < changed.len() {
+                fresh.extend_from_slice(&bytes[from..to]);
+            }
+        } else if let Some(p) = &before {
+            entries.extend(reuse(&p.entries, range, &digests[a..b]));
+        }
+        a = b;
+    }
+    // The whole chunk changed: the object is the read buffer itself. Otherwise it is the
+    // changed blocks, and the read buffer goes back to the reader.
+    let (data, read_buffer) = if fresh.is_empty() {
+        (bytes, None)
+    } else {
+        (fresh, Some(bytes))
+    };
+    let object_len = data.len() as u64;
+    let (compression, stored, encoded_from) = match compression {
+        Compression::Zstd if compressible(&data) => match compression.encode(&data, level) {
+            Ok(c) if c.len() < data.len() => (compression, c, Some(data)),
+            _ => (Compression::None, data, None),
         },
+        _ => (Compression::None, data, None),
+    };
+    for i in parts {
+        if let Some(ChunkEntry::Data {
+            compression: c,
+            stored_length,
+            object_length,
+            length,
+            ..
+        }) = entries.get_mut(i)
+        {
+            *c = compression;
+            *stored_length = stored.len() as u64;
+            if object_len != *length {
+                *object_length = Some(object_len);
+            }
+        }
+    }
+    Ok(Done {
+        entries,
         digests,
         fast,
-        object: Some(stored),
-        spare,
+        object: Some((object, stored)),
+        stored: 0,
+        spare: read_buffer.or(encoded_from),
     })
+}
+
+/// The parent's `entries` over `[from, to)` (block-aligned, inside one chunk), cut to it;
+/// `digests` are the SHA-256 of its blocks. A cut entry points into its object at the same
+/// bytes as before, with a digest of its own blocks.
+fn reuse(entries: &[ChunkEntry], (from, to): (u64, u64), digests: &[Digest]) -> Vec<ChunkEntry> {
+    let mut out = Vec::new();
+    for e in entries {
+        let (start, end) = (e.offset(), e.offset() + e.length());
+        let (s, t) = (start.max(from), end.min(to));
+        if s >= t {
+            continue;
+        }
+        if (s, t) == (start, end) {
+            out.push(e.clone());
+            continue;
+        }
+        out.push(match e {
+            ChunkEntry::Hole { .. } => ChunkEntry::Hole {
+                offset: s,
+                length: t - s,
+            },
+            ChunkEntry::Data {
+                compression,
+                stored_length,
+                backup,
+                object,
+                object_offset,
+                object_length,
+                length,
+                ..
+            } => {
+                let first = ((s - from) / BLOCK_SIZE) as usize;
+                let last = (t - from).div_ceil(BLOCK_SIZE) as usize;
+                ChunkEntry::Data {
+                    offset: s,
+                    length: t - s,
+                    sha256: hex::encode(chunk_digest(&digests[first..last])),
+                    sha256_of: ChunkDigest::Blocks,
+                    compression: *compression,
+                    stored_length: *stored_length,
+                    backup: backup.clone(),
+                    object: object.clone(),
+                    object_offset: object_offset + (s - start),
+                    object_length: Some(object_length.unwrap_or(*length)),
+                }
+            }
+        });
+    }
+    out
 }
 
 /// Makes backup `id` of `source` in `repo`: every changed chunk, the `sha256file`, then the
@@ -473,24 +617,11 @@ pub async fn backup(
                     fast,
                 } => {
                     let len = bytes.len() as u64;
-                    let before = parent.as_ref().and_then(|p| {
-                        let e = p.meta.chunks.get(index as usize)?;
-                        let first = (offset / BLOCK_SIZE) as usize;
-                        let blocks = first..first + blocks_in(len) as usize;
-                        let digests = p.digests.get(blocks.clone())?.to_vec();
-                        let fast = match &p.fast {
-                            Some(f) => Some(f.get(blocks)?.to_vec()),
-                            None => None,
-                        };
-                        (e.offset() == offset && e.length() == len).then(|| Before {
-                            entry: e.clone(),
-                            digests,
-                            fast,
-                        })
-                    });
+                    let before = parent.as_ref().and_then(|p| p.before(offset, len));
                     let data = (bytes, zero, fast);
+                    let owner = id.clone();
                     worker(move || {
-                        digest_chunk(&id, (index, offset), data, before, compression, level)
+                        digest_chunk(&owner, (index, offset), data, before, compression, level)
                     })
                     .await?
                 }
@@ -498,12 +629,13 @@ pub async fn backup(
             if let Some(b) = done.spare.take() {
                 buffers.give(b);
             }
-            if let (Some(stored), Some(k)) = (done.object.take(), done.entry.object_key()) {
+            if let Some((name, stored)) = done.object.take() {
                 let n = stored.len() as u64;
-                repo.put(&k, stored)
+                repo.put(&key(&id, &name), stored)
                     .await
                     .map_err(BackupError::repo(&repo_name))?;
                 progress.stored.fetch_add(n, Ordering::Relaxed);
+                done.stored = n;
             }
             Ok::<_, BackupError>(Some(done))
         }
@@ -517,27 +649,28 @@ pub async fn backup(
     while let Some(r) = work.next().await {
         match r {
             Ok(Some(d)) if failure.is_none() => {
-                match &d.entry {
-                    ChunkEntry::Hole { length, .. } => stats.hole_bytes += length,
-                    ChunkEntry::Data {
-                        length,
-                        backup,
-                        stored_length,
-                        ..
-                    } => {
-                        stats.data_bytes += length;
-                        if backup == id.as_str() {
-                            stats.stored_chunks += 1;
-                            stats.stored_bytes += stored_length;
-                        } else {
-                            stats.reused_chunks += 1;
+                // Stored: a chunk with a new object (all of it or its changed blocks);
+                // reused: a chunk with data and no new object.
+                let mut data = false;
+                for e in &d.entries {
+                    match e {
+                        ChunkEntry::Hole { length, .. } => stats.hole_bytes += length,
+                        ChunkEntry::Data { length, .. } => {
+                            stats.data_bytes += length;
+                            data = true;
                         }
                     }
+                    progress.done.fetch_add(e.length(), Ordering::Relaxed);
                 }
-                progress.done.fetch_add(d.entry.length(), Ordering::Relaxed);
+                if d.stored > 0 {
+                    stats.stored_chunks += 1;
+                    stats.stored_bytes += d.stored;
+                } else if data {
+                    stats.reused_chunks += 1;
+                }
                 digests.extend(d.digests);
                 fast.extend(d.fast);
-                chunks.push(d.entry);
+                chunks.extend(d.entries);
             }
             Ok(_) => {}
             Err(e) => {
@@ -761,6 +894,27 @@ fn zero_range(file: &File, path: &Path, offset: u64, len: u64) -> Result<(), Bac
     Ok(())
 }
 
+/// The restore's units of work: each hole alone, and the entries of one chunk that share an
+/// object together (the object is fetched and decoded once for all of them).
+fn object_groups(entries: &[ChunkEntry], chunk_size: u64) -> Vec<Vec<ChunkEntry>> {
+    let mut groups: Vec<Vec<ChunkEntry>> = Vec::new();
+    let mut by_object: std::collections::HashMap<(u64, String), usize> = Default::default();
+    for e in entries {
+        let Some(k) = e.object_key() else {
+            groups.push(vec![e.clone()]);
+            continue;
+        };
+        let at = *by_object
+            .entry((e.offset() / chunk_size.max(1), k))
+            .or_insert_with(|| {
+                groups.push(Vec::new());
+                groups.len() - 1
+            });
+        groups[at].push(e.clone());
+    }
+    groups
+}
+
 /// Restores the backup `meta` describes onto `target`: every chunk is fetched, decoded and
 /// checked against its SHA-256 before it is written; holes are zeroed. The caller has
 /// checked the chain ([`check_chain`]).
@@ -789,8 +943,8 @@ pub async fn restore(
     );
     let stop = Arc::new(AtomicBool::new(false));
     let repo_name = repo.name().to_owned();
-    let mut work = futures::stream::iter(meta.chunks.clone())
-        .map(|entry| {
+    let mut work = futures::stream::iter(object_groups(&meta.chunks, meta.chunk_size))
+        .map(|group| {
             let (repo, file, stop) = (repo.clone(), file.clone(), stop.clone());
             let path = target.path.clone();
             let repo_name = repo_name.clone();
@@ -798,20 +952,23 @@ pub async fn restore(
                 if stop.load(Ordering::Relaxed) {
                     return Ok(());
                 }
-                let (offset, length) = (entry.offset(), entry.length());
-                match entry {
-                    ChunkEntry::Hole { .. } => {
+                let total: u64 = group.iter().map(ChunkEntry::length).sum();
+                match group.first() {
+                    None => {}
+                    Some(ChunkEntry::Hole { offset, length }) => {
+                        let (offset, length) = (*offset, *length);
                         worker(move || zero_range(&file, &path, offset, length)).await?
                     }
-                    ChunkEntry::Data {
-                        sha256: want,
-                        sha256_of,
-                        compression,
-                        backup,
-                        object,
-                        ..
-                    } => {
-                        let k = format!("{backup}/{object}");
+                    Some(
+                        first @ ChunkEntry::Data {
+                            compression,
+                            length,
+                            object_length,
+                            ..
+                        },
+                    ) => {
+                        let (compression, whole) = (*compression, object_length.unwrap_or(*length));
+                        let k = first.object_key().unwrap_or_default();
                         let stored = match repo.get(&k).await {
                             Ok(b) => b,
                             Err(RepoError::NotFound { .. }) => {
@@ -820,26 +977,43 @@ pub async fn restore(
                             Err(e) => return Err(BackupError::repo(&repo_name)(e)),
                         };
                         worker(move || {
-                            let data = compression.decode(stored, length).map_err(|reason| {
-                                BackupError::Corrupt {
-                                    object: k.clone(),
-                                    reason,
+                            let corrupt = |reason: String| BackupError::Corrupt {
+                                object: k.clone(),
+                                reason,
+                            };
+                            let data = compression.decode(stored, whole).map_err(corrupt)?;
+                            for e in &group {
+                                let ChunkEntry::Data {
+                                    offset,
+                                    length,
+                                    sha256: want,
+                                    sha256_of,
+                                    object_offset,
+                                    ..
+                                } = e
+                                else {
+                                    continue;
+                                };
+                                let part = usize::try_from(*object_offset)
+                                    .ok()
+                                    .and_then(|from| data.get(from..from + *length as usize))
+                                    .ok_or_else(|| {
+                                        corrupt(format!("it has no bytes {object_offset}+{length}"))
+                                    })?;
+                                if !sha256_of.matches(part, want) {
+                                    return Err(corrupt(
+                                        "its SHA-256 differs from the one in the metadata".into(),
+                                    ));
                                 }
-                            })?;
-                            if !sha256_of.matches(&data, &want) {
-                                return Err(BackupError::Corrupt {
-                                    object: k,
-                                    reason: "its SHA-256 differs from the one in the metadata"
-                                        .into(),
-                                });
+                                file.write_all_at(part, *offset)
+                                    .map_err(BackupError::io("write", &path))?;
                             }
-                            file.write_all_at(&data, offset)
-                                .map_err(BackupError::io("write", &path))
+                            Ok(())
                         })
                         .await?
                     }
                 }
-                progress.done.fetch_add(length, Ordering::Relaxed);
+                progress.done.fetch_add(total, Ordering::Relaxed);
                 Ok::<(), BackupError>(())
             }
         })
@@ -1032,6 +1206,113 @@ mod tests {
         let err = check_chain(repo.as_ref(), &inc).await.unwrap_err();
         assert!(
             matches!(err, BackupError::ChainBroken { ref missing, .. } if missing.as_str() == "b1"),
+            "{err:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn incrementals_store_only_changed_blocks_and_every_backup_of_the_chain_restores() {
+        use rand::RngCore;
+        let dir = tempfile::tempdir().unwrap();
+        let (vol, size) = volume(dir.path());
+        let repo = repo(dir.path());
+        let s = settings();
+        let bs = BLOCK_SIZE;
+        let mut states = vec![std::fs::read(&vol).unwrap()];
+        let full = back_up(&repo, "b1", (&vol, size), None).await;
+        let scribble = |at: u64| {
+            let mut junk = vec![0u8; 100];
+            rand::thread_rng().fill_bytes(&mut junk);
+            let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
+            f.write_all_at(&junk, at).unwrap();
+        };
+        // The random chunk at 1 MiB (8 blocks): its fourth block changes.
+        scribble(MIB + 3 * bs + 10);
+        states.push(std::fs::read(&vol).unwrap());
+        let parent = load_parent(repo.as_ref(), full.clone()).await.unwrap();
+        let b2 = back_up(&repo, "b2", (&vol, size), Some(parent)).await;
+        let in_chunk = |m: &Metadata| -> Vec<(u64, u64, String, bool)> {
+            m.chunks
+                .iter()
+                .filter(|c| (MIB..MIB + s.chunk_size).contains(&c.offset()))
+                .map(|c| match c {
+                    ChunkEntry::Data { backup, .. } => {
+                        (c.offset() - MIB, c.length(), backup.clone(), c.is_part())
+                    }
+                    ChunkEntry::Hole { .. } => panic!("a hole in random data: {c:?}"),
+                })
+                .collect()
+        };
+        assert_eq!(
+            in_chunk(&b2),
+            [
+                (0, 3 * bs, "b1".into(), true),
+                (3 * bs, bs, "b2".into(), false),
+                (4 * bs, 4 * bs, "b1".into(), true),
+            ]
+        );
+        assert_eq!(b2.stats.stored_chunks, 1, "{:?}", b2.stats);
+        let mut stored = repo.list("b2").await.unwrap();
+        stored.retain(|o| o.starts_with("chunk-"));
+        assert_eq!(stored, ["chunk-00000004"]);
+        assert_eq!(
+            repo.get("b2/chunk-00000004").await.unwrap().len() as u64,
+            bs,
+            "one random block, stored as it is"
+        );
+
+        // A second incremental on the first: a block of a range b2 took from b1, the block b2
+        // stored, and the chunk's last block change.
+        for at in [MIB + bs, MIB + 3 * bs + 500, MIB + 7 * bs + 1] {
+            scribble(at);
+        }
+        states.push(std::fs::read(&vol).unwrap());
+        let parent = load_parent(repo.as_ref(), b2.clone()).await.unwrap();
+        let b3 = back_up(&repo, "b3", (&vol, size), Some(parent)).await;
+        let owners: Vec<String> = in_chunk(&b3).into_iter().map(|e| e.2).collect();
+        assert_eq!(owners, ["b1", "b3", "b1", "b3", "b1", "b3"]);
+        assert_eq!(
+            b3.referenced_backups(),
+            ["b1"],
+            "b2's block was overwritten"
+        );
+
+        // Every backup restores its own state of the volume.
+        for (m, want) in [full, b2, b3].iter().zip(&states) {
+            let t = blank(dir.path(), &format!("restored-{}", m.backup_id), size);
+            restore(repo.clone(), m, &t, &s, &Progress::default())
+                .await
+                .unwrap();
+            assert!(
+                std::fs::read(&t.path).unwrap() == *want,
+                "{} restored other bytes",
+                m.backup_id
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_corrupt_object_shared_by_parts_fails_the_restore_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vol, size) = volume(dir.path());
+        let repo = repo(dir.path());
+        let full = back_up(&repo, "b1", (&vol, size), None).await;
+        let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
+        f.write_all_at(b"CHANGED", MIB + 3 * BLOCK_SIZE).unwrap();
+        drop(f);
+        let parent = load_parent(repo.as_ref(), full).await.unwrap();
+        let inc = back_up(&repo, "b2", (&vol, size), Some(parent)).await;
+        // Flip a byte of b1's random chunk, in the range the incremental still uses.
+        let obj = dir.path().join("repo/b1/chunk-00000004");
+        let mut bytes = std::fs::read(&obj).unwrap();
+        bytes[5 * BLOCK_SIZE as usize] ^= 1;
+        std::fs::write(&obj, bytes).unwrap();
+        let t = blank(dir.path(), "restored", size);
+        let err = restore(repo, &inc, &t, &settings(), &Progress::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(&err, BackupError::Corrupt { object, .. } if object == "b1/chunk-00000004"),
             "{err:?}"
         );
     }

@@ -27,7 +27,7 @@ use crate::agent::BackupId;
 /// The `format` field of every metadata object.
 pub const FORMAT_NAME: &str = "cinderblock-backup";
 /// The version this code writes; it reads every version up to this one.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 /// The `format` field of an exported backup record.
 pub const RECORD_FORMAT: &str = "cinderblock-backup-record";
 /// Name of the metadata object in a container.
@@ -235,7 +235,9 @@ impl ChunkDigest {
     }
 }
 
-/// One chunk of the volume: a hole (all zeros, nothing stored) or data in an object.
+/// One range of the volume: a hole (all zeros, nothing stored) or data in an object. A range
+/// never crosses the chunk grid; a chunk is one entry, or several when an incremental backup
+/// stored only its changed blocks (version 3).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "lowercase", deny_unknown_fields)]
 pub enum ChunkEntry {
@@ -266,7 +268,18 @@ pub enum ChunkEntry {
         backup: String,
         /// Object name in that container.
         object: String,
+        /// Where these bytes begin in the decoded object (version 3; 0 when absent).
+        #[serde(default, skip_serializing_if = "is_zero")]
+        object_offset: u64,
+        /// Length of the whole decoded object when it is not `length` (version 3): the
+        /// object holds more than this range.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        object_length: Option<u64>,
     },
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl ChunkEntry {
@@ -282,6 +295,11 @@ impl ChunkEntry {
         match self {
             ChunkEntry::Hole { length, .. } | ChunkEntry::Data { length, .. } => *length,
         }
+    }
+
+    /// Whether this is part of an object rather than all of it.
+    pub fn is_part(&self) -> bool {
+        matches!(self, ChunkEntry::Data { object_offset, object_length, .. } if *object_offset != 0 || object_length.is_some())
     }
 
     /// The object's key relative to the repository root (`None` for a hole).
@@ -494,15 +512,38 @@ impl Metadata {
             if c.length() == 0 || c.length() > self.chunk_size {
                 return Err(bad(&format!("length {}", c.length())));
             }
+            if c.offset() / self.chunk_size != (c.offset() + c.length() - 1) / self.chunk_size {
+                return Err(bad("crosses the chunk grid"));
+            }
             if let ChunkEntry::Data {
                 sha256,
+                sha256_of,
                 backup,
                 object: name,
+                length,
+                object_offset,
+                object_length,
                 ..
             } = c
             {
                 if !is_hex_digest(sha256) || !is_object_name(name) {
                     return Err(bad("malformed digest or object name"));
+                }
+                if c.is_part() {
+                    if self.version < 3 {
+                        return Err(bad("parts of objects need format version 3"));
+                    }
+                    let whole = object_length.unwrap_or(*length);
+                    if object_offset
+                        .checked_add(*length)
+                        .is_none_or(|end| end > whole)
+                        || whole > self.chunk_size
+                    {
+                        return Err(bad("its range is outside its object"));
+                    }
+                    if *sha256_of != ChunkDigest::Blocks {
+                        return Err(bad("a part of an object needs a digest of its blocks"));
+                    }
                 }
                 let owner = BackupId::parse(backup).map_err(|e| bad(&e.to_string()))?;
                 if owner != id && parent.is_none() {
@@ -658,6 +699,8 @@ mod tests {
                     stored_length: 100,
                     backup: "b1".into(),
                     object: chunk_object(0),
+                    object_offset: 0,
+                    object_length: None,
                 },
                 ChunkEntry::Hole {
                     offset: cs,
@@ -669,9 +712,12 @@ mod tests {
                     sha256: "ef".repeat(32),
                     sha256_of: ChunkDigest::Blocks,
                     compression: Compression::None,
-                    stored_length: BLOCK_SIZE,
+                    stored_length: 2 * BLOCK_SIZE,
                     backup: "b2".into(),
                     object: chunk_object(2),
+                    // The second block of an object of two (version 3).
+                    object_offset: BLOCK_SIZE,
+                    object_length: Some(2 * BLOCK_SIZE),
                 },
             ],
         }
@@ -684,6 +730,11 @@ mod tests {
         let text = String::from_utf8(json.clone()).unwrap();
         assert!(text.contains("\"kind\": \"hole\""), "{text}");
         assert!(text.contains("\"object\": \"chunk-00000002\""), "{text}");
+        assert!(text.contains("\"object_offset\": 32768"), "{text}");
+        // Whole objects do not carry the version-3 fields.
+        assert_eq!(text.matches("object_offset").count(), 1, "{text}");
+        assert_eq!(text.matches("object_length").count(), 1, "{text}");
+        assert!(m.chunks[2].is_part() && !m.chunks[0].is_part());
         assert_eq!(Metadata::parse(&json, "b2/metadata").unwrap(), m);
         assert_eq!(m.referenced_backups(), vec!["b1".to_string()]);
         assert_eq!(
@@ -722,6 +773,36 @@ mod tests {
                 Box::new(|m| m.parent_id = None),
             ),
             ("not complete", Box::new(|m| m.status = "creating".into())),
+            (
+                "part beyond its object",
+                Box::new(|m| {
+                    if let ChunkEntry::Data { object_offset, .. } = &mut m.chunks[2] {
+                        *object_offset = BLOCK_SIZE + 1;
+                    }
+                }),
+            ),
+            (
+                "part of an object with a data digest",
+                Box::new(|m| {
+                    if let ChunkEntry::Data { sha256_of, .. } = &mut m.chunks[2] {
+                        *sha256_of = ChunkDigest::Data;
+                    }
+                }),
+            ),
+            ("part in version 2", Box::new(|m| m.version = 2)),
+            (
+                "entry across the chunk grid",
+                Box::new(|m| {
+                    let cs = m.chunk_size;
+                    if let ChunkEntry::Data { length, .. } = &mut m.chunks[0] {
+                        *length = cs - BLOCK_SIZE;
+                    }
+                    m.chunks[1] = ChunkEntry::Hole {
+                        offset: cs - BLOCK_SIZE,
+                        length: cs,
+                    };
+                }),
+            ),
         ];
         for (name, break_it) in cases {
             let mut m = sample();
@@ -734,10 +815,11 @@ mod tests {
     #[test]
     fn newer_format_versions_are_refused_by_name() {
         let mut m = sample();
-        m.version = 3;
+        m.version = FORMAT_VERSION + 1;
         let err = Metadata::parse(&m.to_json(), "b2/metadata").unwrap_err();
         assert!(
-            err.to_string().contains("version 3 is not supported"),
+            err.to_string()
+                .contains(&format!("version {} is not supported", FORMAT_VERSION + 1)),
             "{err}"
         );
         let err = Metadata::parse(b"{\"format\":\"x\",\"version\":1}", "o").unwrap_err();
@@ -752,8 +834,15 @@ mod tests {
         let mut m = sample();
         m.version = 1;
         m.blake3file = None;
-        if let ChunkEntry::Data { sha256_of, .. } = &mut m.chunks[2] {
+        if let ChunkEntry::Data {
+            sha256_of,
+            object_offset,
+            object_length,
+            ..
+        } = &mut m.chunks[2]
+        {
             *sha256_of = ChunkDigest::Data;
+            (*object_offset, *object_length) = (0, None);
         }
         let text = String::from_utf8(m.to_json()).unwrap();
         assert!(
