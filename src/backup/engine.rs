@@ -8,8 +8,9 @@
 //! parent has from the parent's `sha256file`, computes the others, and, if the chunk
 //! changed, makes its object: the whole chunk, or only its changed blocks when the parent has
 //! the rest (the unchanged ranges keep pointing into the parent's objects), compressed unless
-//! a sample shows it does not compress; the object is then written to the repository. Two readers take alternate chunks (reading is what bounds an
-//! all-zero or mostly unchanged volume). At most `max_in_flight` chunks are in the workers
+//! a sample shows it does not compress; the object is then written to the repository. Two
+//! readers take alternate chunks (reading is what bounds an all-zero or mostly unchanged
+//! volume). At most `max_in_flight` chunks are in the workers
 //! and writes at once, and each reader is at most one chunk ahead besides the one it reads,
 //! so a backup holds about `2 × chunk_size × (max_in_flight + 4)` bytes. Results are taken
 //! in chunk order to build the chunk table, the `sha256file` and the `blake3file`, written
@@ -17,9 +18,8 @@
 //!
 //! Restore: objects are fetched and decompressed by up to `max_in_flight` workers, once for
 //! all the entries of a chunk that use them; each entry is verified (SHA-256) and written at
-//! its offset only once verified; holes are
-//! zeroed (punched out of files). The first failure stops the rest: work already in flight
-//! finishes, nothing new starts.
+//! its offset only once verified; holes are zeroed (punched out of files). The first failure
+//! stops the rest: work already in flight finishes, nothing new starts.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -411,11 +411,10 @@ fn digest_chunk(
             _ => sha256(b),
         })
         .collect();
-    let object = chunk_object(index);
-    let changed: Vec<bool> = match &before {
+    let changed: Vec<bool> = match before {
         Some(p) if p.digests == digests => {
             return Ok(Done {
-                entries: before.map(|p| p.entries).unwrap_or_default(),
+                entries: p.entries,
                 digests,
                 fast,
                 object: None,
@@ -423,13 +422,14 @@ fn digest_chunk(
                 spare: Some(bytes),
             });
         }
-        Some(p) => digests
+        Some(ref p) => digests
             .iter()
             .zip(&p.digests)
             .map(|(a, b)| a != b)
             .collect(),
         None => vec![true; digests.len()],
     };
+    let object = chunk_object(index);
     // Runs of changed blocks go, one after the other, into this chunk's new object; runs
     // of unchanged blocks keep pointing into the parent's objects.
     let block = BLOCK_SIZE as usize;
@@ -1151,6 +1151,12 @@ mod tests {
         assert!(got[..size as usize] == want[..], "restored bytes differ");
     }
 
+    /// Writes `bytes` into the test volume at `at`.
+    fn write_into(vol: &Path, at: u64, bytes: &[u8]) {
+        let f = std::fs::OpenOptions::new().write(true).open(vol).unwrap();
+        f.write_all_at(bytes, at).unwrap();
+    }
+
     /// Backup `id` of the test volume with the test settings.
     async fn back_up(
         repo: &Arc<dyn Repository>,
@@ -1179,10 +1185,8 @@ mod tests {
         let s = settings();
         let full = back_up(&repo, "b1", (&vol, size), None).await;
         // Change one block of the text chunk and write into a former hole.
-        let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
-        f.write_all_at(b"CHANGED", 3 * MIB + 100).unwrap();
-        f.write_all_at(b"new data", 7 * MIB).unwrap();
-        drop(f);
+        write_into(&vol, 3 * MIB + 100, b"CHANGED");
+        write_into(&vol, 7 * MIB, b"new data");
         let parent = load_parent(repo.as_ref(), full.clone()).await.unwrap();
         assert!(parent.fast.is_some());
         let inc = back_up(&repo, "b2", (&vol, size), Some(parent)).await;
@@ -1223,8 +1227,7 @@ mod tests {
         let scribble = |at: u64| {
             let mut junk = vec![0u8; 100];
             rand::thread_rng().fill_bytes(&mut junk);
-            let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
-            f.write_all_at(&junk, at).unwrap();
+            write_into(&vol, at, &junk);
         };
         // The random chunk at 1 MiB (8 blocks): its fourth block changes.
         scribble(MIB + 3 * bs + 10);
@@ -1297,9 +1300,7 @@ mod tests {
         let (vol, size) = volume(dir.path());
         let repo = repo(dir.path());
         let full = back_up(&repo, "b1", (&vol, size), None).await;
-        let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
-        f.write_all_at(b"CHANGED", MIB + 3 * BLOCK_SIZE).unwrap();
-        drop(f);
+        write_into(&vol, MIB + 3 * BLOCK_SIZE, b"CHANGED");
         let parent = load_parent(repo.as_ref(), full).await.unwrap();
         let inc = back_up(&repo, "b2", (&vol, size), Some(parent)).await;
         // Flip a byte of b1's random chunk, in the range the incremental still uses.
@@ -1323,9 +1324,7 @@ mod tests {
         let (vol, size) = volume(dir.path());
         let repo = repo(dir.path());
         let full = back_up(&repo, "b1", (&vol, size), None).await;
-        let f = std::fs::OpenOptions::new().write(true).open(&vol).unwrap();
-        f.write_all_at(b"CHANGED", 3 * MIB + 100).unwrap();
-        drop(f);
+        write_into(&vol, 3 * MIB + 100, b"CHANGED");
         // A version-1 parent: no BLAKE3 digests to compare with.
         let mut parent = load_parent(repo.as_ref(), full.clone()).await.unwrap();
         parent.fast = None;

@@ -132,16 +132,14 @@ thread_local! {
 /// zstd sizes its match tables to the input: at 512 KiB they stay in a core's cache, which
 /// compresses text-like data at level 3 about a quarter faster than one frame for a 4 MiB
 /// chunk, and no worse (each frame's window is the whole frame).
-pub const ZSTD_FRAME: usize = 512 << 10;
+const ZSTD_FRAME: usize = 512 << 10;
 
 fn zstd_compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
     COMPRESSOR.with(|cell| {
         let mut cell = cell.borrow_mut();
-        if !matches!(&*cell, Some((l, _)) if *l == level) {
-            *cell = Some((level, zstd::bulk::Compressor::new(level)?));
-        }
-        let Some((_, c)) = cell.as_mut() else {
-            unreachable!("the compressor was set just above")
+        let (_, c) = match &mut *cell {
+            Some(kept) if kept.0 == level => kept,
+            slot => slot.insert((level, zstd::bulk::Compressor::new(level)?)),
         };
         // An empty input is still one (empty) frame.
         let frames: Vec<&[u8]> = if data.is_empty() {
@@ -921,23 +919,23 @@ mod tests {
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 27) as u8)
             .collect();
         let stored = Compression::Zstd.encode(&data, 3).unwrap();
-        let mut frames = Vec::new();
+        // Each frame's decoded size, and the encoded size of the last one.
+        let (mut frames, mut last) = (Vec::new(), 0);
         let mut rest = &stored[..];
         while !rest.is_empty() {
-            let n = zstd::zstd_safe::find_frame_compressed_size(rest).unwrap();
+            last = zstd::zstd_safe::find_frame_compressed_size(rest).unwrap();
             frames.push(
-                zstd::bulk::decompress(&rest[..n], ZSTD_FRAME)
+                zstd::bulk::decompress(&rest[..last], ZSTD_FRAME)
                     .unwrap()
                     .len(),
             );
-            rest = &rest[n..];
+            rest = &rest[last..];
         }
         assert_eq!(frames, [ZSTD_FRAME, ZSTD_FRAME, ZSTD_FRAME / 2]);
         let len = data.len() as u64;
         assert_eq!(Compression::Zstd.decode(stored.clone(), len).unwrap(), data);
         // A frame lost from the end is a short object, not a shorter chunk.
-        let cut =
-            stored.len() - zstd::zstd_safe::find_frame_compressed_size(rest_last(&stored)).unwrap();
+        let cut = stored.len() - last;
         assert!(Compression::Zstd
             .decode(stored[..cut].to_vec(), len)
             .is_err());
@@ -948,17 +946,6 @@ mod tests {
             Compression::Zstd.decode(empty, 0).unwrap(),
             Vec::<u8>::new()
         );
-    }
-
-    /// The last frame of a run of zstd frames.
-    fn rest_last(mut stored: &[u8]) -> &[u8] {
-        loop {
-            let n = zstd::zstd_safe::find_frame_compressed_size(stored).unwrap();
-            if n == stored.len() {
-                return stored;
-            }
-            stored = &stored[n..];
-        }
     }
 
     #[test]
