@@ -1,4 +1,5 @@
-//! The project's release binary running inside real-kernel guests, reached from the host.
+//! The project's binary running inside real-kernel guests, reached from the host (the
+//! debug build `make test` made, or the release build with `CB_PROFILE=release`).
 //!
 //! `tests/e2e/run.sh` (`make e2e`) or `tests/e2e/up.sh` (`make e2e-up`) boots the guests,
 //! starts `cinderblock all --endpoint tcp://0.0.0.0:10000` in each and forwards a host port
@@ -26,7 +27,7 @@ fn env(var: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| {
         panic!(
             "{var} is not set: {NEEDS_VMS}; or `make e2e-up` then `source tests/e2e/.run/env` \
-             and run `cargo test --release --test e2e_vm -- --ignored`"
+             and run `cargo test --test e2e_vm -- --ignored`"
         )
     })
 }

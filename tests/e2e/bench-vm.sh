@@ -16,11 +16,12 @@ set -euo pipefail
 # Its own run directory by default: the share holds bin/cinderblock, and `make e2e-up` or
 # `make e2e` replacing it in the middle of a bench run would break the run.
 export CINDERBLOCK_E2E_RUN=${CINDERBLOCK_E2E_RUN:-$(cd "$(dirname "$0")" && pwd)/.run-bench}
+# Figures are of what ships: the release build.
+export CB_PROFILE=release
 source "$(dirname "$0")/lib.sh"
 source "$CB_E2E/topology.sh"
 G=one
 VM=$CB_E2E/vm
-TARGET_DIR=${CARGO_TARGET_DIR:-$CB_REPO/target}
 ROUNDS=${BENCH_ROUNDS:-4} PER_ROUND=${BENCH_PER_ROUND:-5} BURST=${BENCH_BURST:-50}
 CSI_BURST=${BENCH_CSI_BURST:-200}
 # The whole guest part is one exec: its 200-volume bursts alone took over an hour on a busy
@@ -28,12 +29,12 @@ CSI_BURST=${BENCH_CSI_BURST:-200}
 export EXEC_TIMEOUT=${EXEC_TIMEOUT:-7200}
 
 "$CB_E2E/host-deps.sh" vm >/dev/null
-# The same targets as `make e2e` builds: with the test, dev-dependencies' features are unified
-# in, and a binary built without it would be a second full release build of every crate.
+# The same targets as `make e2e-up` builds: with the test, dev-dependencies' features are
+# unified in, and a binary built without it would be a second full release build of every crate.
 (cd "$CB_REPO" && cargo build --release --bin cinderblock --test e2e_vm 2>&1 | grep -E '^(error|warning: unused)' || true)
 "$CB_E2E/build-image.sh" >/dev/null
 mkdir -p "$CB_SHARE/bin" "$CB_SHARE/e2e"
-cp "$TARGET_DIR/release/cinderblock" "$CB_SHARE/bin/cinderblock.tmp"
+cp "$(cb_bin)" "$CB_SHARE/bin/cinderblock.tmp"
 mv "$CB_SHARE/bin/cinderblock.tmp" "$CB_SHARE/bin/cinderblock"
 cp "$CB_E2E/guest/agent-lib.sh" "$CB_E2E/guest/attach-bench.sh" "$CB_SHARE/e2e/"
 

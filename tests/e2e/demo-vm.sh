@@ -5,16 +5,17 @@
 # through iSCSI, snapshot, clone, extend, delete rules, wipe on delete, tgtd restart and an
 # agent crash. Every step prints its time and what it checked.
 set -euo pipefail
+# The walk runs what ships: the release build.
+export CB_PROFILE=release
 source "$(dirname "$0")/lib.sh"
 source "$CB_E2E/topology.sh"
-TARGET_DIR=${CARGO_TARGET_DIR:-$CB_REPO/target}
 t=$(now)
 "$CB_E2E/host-deps.sh" vm
 log "cargo build --release (the binary the guest runs)"
 (cd "$CB_REPO" && cargo build --release --bin cinderblock)
 "$CB_E2E/build-image.sh" >/dev/null
 mkdir -p "$CB_SHARE/bin"
-cp "$TARGET_DIR/release/cinderblock" "$CB_SHARE/bin/cinderblock.tmp"
+cp "$(cb_bin)" "$CB_SHARE/bin/cinderblock.tmp"
 mv "$CB_SHARE/bin/cinderblock.tmp" "$CB_SHARE/bin/cinderblock"
 trap '"$CB_E2E/vm" stop one >/dev/null 2>&1 || true' EXIT
 log "booting the guest 'one' (Debian, stock kernel, LVM, tgt, open-iscsi; TCG, a few minutes)"

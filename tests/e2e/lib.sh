@@ -35,6 +35,16 @@ CB_GUEST_AGENT_PORT=9700 # the agent API in every guest (forwarded too)
 CB_GUEST_AGENT_METRICS_PORT=9701
 CB_GUEST_CSI_METRICS_PORT=9702
 
+# The build of `cinderblock` the guests run. `debug` by default: the build `make test` has
+# just made, so `make e2e` after it compiles nothing (a cold release build of every crate
+# takes 18 min of 2 cores here, and ran past 30 min in CI beside the booting guests). The
+# benches and the VM demo set CB_PROFILE=release: they show what ships.
+CB_PROFILE=${CB_PROFILE:-debug}
+case $CB_PROFILE in debug | release) ;; *) echo "CB_PROFILE must be debug or release" >&2; exit 2 ;; esac
+# The cargo flag of that profile, and the binary it builds.
+cb_profile_flag() { if [ "$CB_PROFILE" = release ]; then echo --release; fi; }
+cb_bin() { echo "${CARGO_TARGET_DIR:-$CB_REPO/target}/$CB_PROFILE/cinderblock"; }
+
 rootfs_key() { printf '%s\n' "$CB_SUITE" "$CB_GUEST_PKGS" "$CB_ROOTFS_REV" | sha256sum | cut -c1-16; }
 image_key() {
   { rootfs_key; cat "$CB_E2E/build-image.sh" "$CB_E2E/guest/init"; } | sha256sum | cut -c1-16

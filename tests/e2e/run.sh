@@ -11,7 +11,6 @@ source "$(dirname "$0")/lib.sh"
 source "$CB_E2E/topology.sh"
 TOPOLOGY=${TOPOLOGY:-all}
 VMS=$(topo_vms "$TOPOLOGY")
-TARGET_DIR=${CARGO_TARGET_DIR:-$CB_REPO/target}
 LOGS=$CB_RUN/logs
 mkdir -p "$LOGS"
 BUDGET_DEPS=${BUDGET_DEPS:-600}
@@ -87,12 +86,14 @@ trap 'echo "e2e: terminated"; exit 143' TERM
 
 stage "host packages + qemu 7.2 (host-deps.sh vm)" "$BUDGET_DEPS" "$CB_E2E/host-deps.sh" vm || exit 1
 
-# The release build (binary + the e2e_vm test) runs beside the image build and the boot.
+# The build (binary + the e2e_vm test; CB_PROFILE, see lib.sh) runs beside the image build
+# and the boot. After `make test` it has nothing to compile.
 echo
-echo "=== binary build (background): cargo build --release, log $LOGS/cargo-build.log"
+echo "=== binary build (background): cargo build $(cb_profile_flag) ($CB_PROFILE), log $LOGS/cargo-build.log"
 BUILD_T0=$(now)
+# shellcheck disable=SC2046
 (cd "$CB_REPO" && exec timeout -k 10 "$BUDGET_BUILD" \
-  cargo build --release --bin cinderblock --test e2e_vm) >"$LOGS/cargo-build.log" 2>&1 &
+  cargo build $(cb_profile_flag) --bin cinderblock --test e2e_vm) >"$LOGS/cargo-build.log" 2>&1 &
 BUILD_PID=$!
 
 stage "image build (build-image.sh)" "$BUDGET_IMAGE" "$CB_E2E/build-image.sh" || exit 1
@@ -123,7 +124,7 @@ if [ $rc != 0 ]; then
   exit 1
 fi
 grep -E '^\s*(Finished|Compiling cinderblock)' "$LOGS/cargo-build.log" || true
-cp "$TARGET_DIR/release/cinderblock" "$CB_SHARE/bin/cinderblock.tmp" &&
+cp "$(cb_bin)" "$CB_SHARE/bin/cinderblock.tmp" &&
   mv "$CB_SHARE/bin/cinderblock.tmp" "$CB_SHARE/bin/cinderblock"
 
 # The agent on real LVM (issue 4), in the one-VM guest (or stor when only two VMs run).
@@ -146,7 +147,8 @@ print_endpoints
 
 # shellcheck disable=SC1090
 source "$CB_ENV"
-stage "cargo test --release --test e2e_vm -- --ignored" "$BUDGET_TESTS" \
-  bash -c 'cd "$1" && cargo test --release --test e2e_vm -- --ignored --test-threads=1' _ "$CB_REPO"
+# shellcheck disable=SC2016
+stage "cargo test $(cb_profile_flag) --test e2e_vm -- --ignored" "$BUDGET_TESTS" \
+  bash -c 'cd "$1" && cargo test $2 --test e2e_vm -- --ignored --test-threads=1' _ "$CB_REPO" "$(cb_profile_flag)"
 exit
 }

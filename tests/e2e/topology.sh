@@ -122,5 +122,5 @@ print_endpoints() {
   done
   echo "Run a command in a guest:  tests/e2e/vm exec NAME 'lsblk; tgtadm --lld iscsi --op show --mode target'"
   echo "Guest logs:                $CB_SHARE/logs/NAME/ (cinderblock.log), consoles $CB_RUN/vms/NAME/console.log"
-  echo "Rust tests:                source $CB_ENV && cargo test --release --test e2e_vm -- --ignored --test-threads=1"
+  echo "Rust tests:                source $CB_ENV && cargo test$([ "$CB_PROFILE" = release ] && echo " --release") --test e2e_vm -- --ignored --test-threads=1"
 }

@@ -10,7 +10,7 @@ set -euo pipefail
 BIN=/mnt/host/bin/cinderblock
 LOG=/mnt/host/logs/$(hostname)/cinderblock.log
 VG=${CINDERBLOCK_E2E_VG:-cinder-volumes}
-[ -x "$BIN" ] || { echo "no $BIN: build it (cargo build --release) and restart the VM" >&2; exit 1; }
+[ -x "$BIN" ] || { echo "no $BIN: build it (tests/e2e/up.sh does) and restart the VM" >&2; exit 1; }
 
 if ! vgs "$VG" >/dev/null 2>&1; then
   pvcreate -q /dev/vdb && vgcreate -q "$VG" /dev/vdb
