@@ -10,11 +10,11 @@
 //! the rest (the unchanged ranges keep pointing into the parent's objects), compressed unless
 //! a sample shows it does not compress; the object is then written to the repository. Two
 //! readers take alternate chunks (reading is what bounds an all-zero or mostly unchanged
-//! volume). At most `max_in_flight` chunks are in the workers
-//! and writes at once, and each reader is at most one chunk ahead besides the one it reads,
-//! so a backup holds about `2 × chunk_size × (max_in_flight + 4)` bytes. Results are taken
-//! in chunk order to build the chunk table, the `sha256file` and the `blake3file`, written
-//! at the end, the metadata last.
+//! volume). At most `max_in_flight` chunks are in the workers and writes at once, and each
+//! reader is at most one chunk ahead besides the one it reads, so a backup holds about
+//! `2 × chunk_size × (max_in_flight + 4)` bytes. Results are taken in chunk order to build
+//! the chunk table, the `sha256file` and the `blake3file`, written at the end, the metadata
+//! last.
 //!
 //! Restore: objects are fetched and decompressed by up to `max_in_flight` workers, once for
 //! all the entries of a chunk that use them; each entry is verified (SHA-256) and written at

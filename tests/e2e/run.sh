@@ -149,7 +149,8 @@ print_endpoints
 # shellcheck disable=SC1090
 source "$CB_ENV"
 # shellcheck disable=SC2016
-stage "cargo test $(cb_profile_flag) --test e2e_vm -- --ignored" "$BUDGET_TESTS" \
-  bash -c 'cd "$1" && cargo test $2 --test e2e_vm -- --ignored --test-threads=1' _ "$CB_REPO" "$(cb_profile_flag)"
+FLAG=$(cb_profile_flag)
+stage "cargo test${FLAG:+ $FLAG} --test e2e_vm -- --ignored" "$BUDGET_TESTS" \
+  bash -c 'cd "$1" && cargo test $2 --test e2e_vm -- --ignored --test-threads=1' _ "$CB_REPO" "$FLAG"
 exit
 }

@@ -112,7 +112,7 @@ EOF
 }
 
 print_endpoints() {
-  local name var
+  local name var flag
   # shellcheck disable=SC1090
   source "$CB_ENV"
   echo "CSI endpoints (host -> guest :$CB_GUEST_CSI_PORT through qemu hostfwd):"
@@ -122,5 +122,6 @@ print_endpoints() {
   done
   echo "Run a command in a guest:  tests/e2e/vm exec NAME 'lsblk; tgtadm --lld iscsi --op show --mode target'"
   echo "Guest logs:                $CB_SHARE/logs/NAME/ (cinderblock.log), consoles $CB_RUN/vms/NAME/console.log"
-  echo "Rust tests:                source $CB_ENV && cargo test$([ "$CB_PROFILE" = release ] && echo " --release") --test e2e_vm -- --ignored --test-threads=1"
+  flag=$(cb_profile_flag)
+  echo "Rust tests:                source $CB_ENV && cargo test${flag:+ $flag} --test e2e_vm -- --ignored --test-threads=1"
 }

@@ -1,6 +1,6 @@
 #!/bin/bash
-# `make e2e-up`: build the binary (CB_PROFILE, see lib.sh) and the image, boot a topology (default: the two-VM
-# one), start `cinderblock all` in every guest, and print how to reach them. Leaves the VMs
+# `make e2e-up`: build the binary (CB_PROFILE, see lib.sh) and the image, boot a topology
+# (default: the two-VM one), start `cinderblock all` in every guest, and print how to reach them. Leaves the VMs
 # running; `tests/e2e/down.sh` (`make e2e-down`) stops them.
 #   up.sh [two|one|all]
 set -euo pipefail

@@ -49,8 +49,8 @@ apply_crds() {
 }
 
 # The Rust tests run in the debug profile: `make test` has built them already, where a
-# release build would compile every dependency once more (about 12 minutes on 2 cores with
-# a cold cache).
+# release build would compile every crate once more (18 min on 2 cores with a cold cache,
+# measured 2026-11-22).
 chart_schema() {  # the TOML chart.sh left in $CINDERBLOCK_CHART_TOML_DIR, by the roles' parser
   (cd "$CB_REPO" && nice -n 10 cargo test --test chart_config -- --ignored)
 }
