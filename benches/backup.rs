@@ -16,8 +16,9 @@
 //! detected). Volumes and baseline outputs are removed once measured, so the run needs about
 //! three volumes of disk under `TMPDIR` (default /var/tmp). To profile one backup,
 //! `CINDERBLOCK_BENCH_BACKUP_ONLY=full` stops after the full backup's first line, and
-//! `=incremental` runs only the full and the incremental. The goals are the issue's. stdout
-//! gets one line per figure in the project's bench format:
+//! `=incremental` runs only the full and the incremental. The goals are the issue's. stderr
+//! gets a note per backup (wall time, CPU time, share of the cores busy); stdout gets one
+//! line per figure in the project's bench format:
 //!
 //! ```text
 //! bench: backup_full = 412.3 MB/s (baseline zstd_T0_3_pipe_sha256sum = 380.1 MB/s, ratio 1.08, goal >= 0.9)
@@ -86,6 +87,24 @@ fn status_kib(field: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("no {field} in /proc/self/status"))
 }
 
+/// CPU seconds (user + system) of this process so far (`/proc/self/stat` fields 14 and 15, in
+/// clock ticks of 1/100 s, Linux's `USER_HZ`).
+fn cpu_secs() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or("", |(_, r)| r)
+        .split_whitespace()
+        .collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 fn random(n: usize) -> Vec<u8> {
     use rand::RngCore;
     let mut b = vec![0u8; n];
@@ -152,6 +171,7 @@ impl Bench {
     }
 
     async fn backup(&self, volume: &VolumeId, id: &str, incremental: bool) -> (Duration, u64) {
+        let cpu0 = cpu_secs();
         let start = Instant::now();
         let r = self
             .agent
@@ -165,7 +185,14 @@ impl Bench {
             .await
             .unwrap_or_else(|e| panic!("backup {id}: {e}"));
         let b = wait(r).await;
-        (start.elapsed(), b)
+        let (wall, cpu) = (start.elapsed(), cpu_secs() - cpu0);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        eprintln!(
+            "bench: note: backup {id}: {:.2} s wall, {cpu:.2} s CPU ({:.0}% of {cores} cores)",
+            wall.as_secs_f64(),
+            cpu / wall.as_secs_f64() / cores as f64 * 100.0
+        );
+        (wall, b)
     }
 
     /// Deletes a volume whose figures are taken (disk space for the next one).

@@ -478,7 +478,8 @@ pub struct BackupConfig {
     /// of 32 KiB between 64 KiB and 64 MiB.
     pub chunk_size: u64,
     /// Chunks being hashed, compressed or written at once (memory use is about
-    /// 2 x chunk_size x (max_in_flight + 4) per running backup).
+    /// 2 x chunk_size x (max_in_flight + 4) per running backup, plus one chunk per write in
+    /// flight to a POSIX repository, its `O_DIRECT` staging buffer).
     pub max_in_flight: usize,
     /// Compression of new chunk objects.
     pub compression: BackupCompression,

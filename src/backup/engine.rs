@@ -12,7 +12,8 @@
 //! readers take alternate chunks (reading is what bounds an all-zero or mostly unchanged
 //! volume). At most `max_in_flight` chunks are in the workers and writes at once, and each
 //! reader is at most one chunk ahead besides the one it reads, so a backup holds about
-//! `2 × chunk_size × (max_in_flight + 4)` bytes. Results are taken in chunk order to build
+//! `2 × chunk_size × (max_in_flight + 4)` bytes (and a POSIX repository one staging buffer
+//! per write in flight). Results are taken in chunk order to build
 //! the chunk table, the `sha256file` and the `blake3file`, written at the end, the metadata
 //! last.
 //!

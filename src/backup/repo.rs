@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use futures::TryStreamExt;
@@ -120,10 +120,17 @@ pub fn open(cfg: &BackupRepositoryConfig) -> Result<Arc<dyn Repository>, RepoErr
 /// to the container's commit, which flushes every object written since, then the directory,
 /// then writes the commit object the same way and flushes it: the commit record can only
 /// be durable after everything it describes. (Flushing each object as it is written would
-/// hold a pipeline slot for every `fdatasync`.) Each object's write-back is started as soon
-/// as it is written (`POSIX_FADV_DONTNEED`, which also keeps backup objects out of the page
-/// cache), so the disk works while the backup goes on and the commit's flushes find little
-/// left to do.
+/// hold a pipeline slot for every `fdatasync`.)
+///
+/// Objects of at least [`DIRECT_MIN`] bytes are written with `O_DIRECT`, from an aligned
+/// staging buffer: the bytes go from that buffer to the device, without a copy into the page
+/// cache, pages allocated for it, and its write-back later. On the machines this project is
+/// measured on, a buffered write of 2 GB and its `fsync` took 3.5–8.5 s and the same with
+/// `O_DIRECT` 1.2–1.4 s (`dd bs=4M`); backup objects are not read again soon, so caching
+/// them only evicts what the node uses. Where the file system refuses `O_DIRECT` (tmpfs on
+/// older kernels, some FUSE mounts), objects are written through the page cache and their
+/// write-back started at once (`POSIX_FADV_DONTNEED`), so the disk works while the backup
+/// goes on and the commit's flushes find little left to do.
 #[derive(Debug, Clone)]
 pub struct PosixRepository {
     name: String,
@@ -131,7 +138,27 @@ pub struct PosixRepository {
     // Objects written and not yet flushed, by container. Locked for a push or a take, never
     // while flushing.
     unsynced: Arc<Mutex<HashMap<String, Vec<PathBuf>>>>,
+    // Aligned staging buffers for `O_DIRECT` writes, reused (at most `STAGING_KEPT`). Locked
+    // for a take or a give, never during a write.
+    staging: Arc<Mutex<Vec<Vec<u8>>>>,
+    // Cleared once the file system refused `O_DIRECT`: then every write is buffered.
+    direct: Arc<AtomicBool>,
 }
+
+/// Alignment of `O_DIRECT` buffers, lengths and offsets: the largest logical block size of
+/// common devices (4 KiB sectors), which also satisfies 512-byte ones.
+const DIRECT_ALIGN: usize = 4096;
+
+/// Objects smaller than this are written through the page cache (the staging copy and the
+/// padding are not worth it for metadata and digest files).
+pub const DIRECT_MIN: usize = 64 << 10;
+
+/// Staging buffers kept for reuse (as many as writes usually run at once).
+const STAGING_KEPT: usize = 8;
+
+/// `EINVAL`: what `open` or `write` answers when a file system does not take `O_DIRECT`
+/// (or the alignment it needs is larger than [`DIRECT_ALIGN`]).
+const EINVAL: i32 = 22;
 
 fn io_err(op: &'static str, path: &Path, key: &str, e: std::io::Error) -> RepoError {
     use std::io::ErrorKind;
@@ -184,7 +211,60 @@ impl PosixRepository {
             name: name.to_owned(),
             root,
             unsynced: Arc::new(Mutex::new(HashMap::new())),
+            staging: Arc::new(Mutex::new(Vec::new())),
+            direct: Arc::new(AtomicBool::new(true)),
         }
+    }
+
+    /// Writes `data` to the new file `path` with `O_DIRECT`: through a staging buffer whose
+    /// window is aligned, padded with zeros to [`DIRECT_ALIGN`], then cut to `data`'s length.
+    /// `Ok(false)` when the file system refuses `O_DIRECT` (nothing is left at `path` then,
+    /// and the caller writes it buffered).
+    fn write_direct(&self, path: &Path, data: &[u8]) -> std::io::Result<bool> {
+        use std::os::unix::fs::{FileExt, OpenOptionsExt};
+        let refused = |e: &std::io::Error| e.raw_os_error() == Some(EINVAL);
+        let file = match std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+            .open(path)
+        {
+            Ok(f) => f,
+            Err(e) if refused(&e) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let padded = data.len().next_multiple_of(DIRECT_ALIGN);
+        let mut buf = self
+            .staging
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        buf.resize(padded + DIRECT_ALIGN, 0);
+        let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
+        let window = &mut buf[at..at + padded];
+        window[..data.len()].copy_from_slice(data);
+        window[data.len()..].fill(0);
+        let written = file.write_all_at(window, 0);
+        let mut kept = self.staging.lock().unwrap_or_else(|p| p.into_inner());
+        if kept.len() < STAGING_KEPT {
+            kept.push(buf);
+        }
+        drop(kept);
+        match written {
+            Ok(()) => {}
+            Err(e) if refused(&e) => {
+                drop(file);
+                let _ = std::fs::remove_file(path);
+                return Ok(false);
+            }
+            Err(e) => return Err(e),
+        }
+        if padded != data.len() {
+            file.set_len(data.len() as u64)?;
+        }
+        Ok(true)
     }
 
     fn unsynced(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<PathBuf>>> {
@@ -205,18 +285,37 @@ impl PosixRepository {
                     .map_err(|e| io_err("fsync", &path, key, e))?;
             }
             sync_dir(&dir, key)?;
+            // A commit ends a backup's writes: its staging buffers are not held while idle
+            // (a backup still running beside it takes new ones).
+            self.staging
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
         }
         let tmp = dir.join(format!(".{object}.tmp"));
         let path = dir.join(object);
         let written = (|| {
-            let mut f = std::fs::File::create(&tmp).map_err(|e| io_err("create", &tmp, key, e))?;
-            f.write_all(data)
-                .map_err(|e| io_err("write", &tmp, key, e))?;
-            if commit {
-                f.sync_data().map_err(|e| io_err("fsync", &tmp, key, e))?;
-            } else {
-                // Only advice: the commit's fdatasync is what makes the object durable.
-                let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+            let direct = !commit && data.len() >= DIRECT_MIN && self.direct.load(Ordering::Relaxed);
+            let written_direct = direct
+                && self
+                    .write_direct(&tmp, data)
+                    .map_err(|e| io_err("write", &tmp, key, e))?;
+            if direct && !written_direct {
+                tracing::info!(repository = %self.name, path = %tmp.display(),
+                    "the file system refuses O_DIRECT: objects are written through the page cache");
+                self.direct.store(false, Ordering::Relaxed);
+            }
+            if !written_direct {
+                let mut f =
+                    std::fs::File::create(&tmp).map_err(|e| io_err("create", &tmp, key, e))?;
+                f.write_all(data)
+                    .map_err(|e| io_err("write", &tmp, key, e))?;
+                if commit {
+                    f.sync_data().map_err(|e| io_err("fsync", &tmp, key, e))?;
+                } else {
+                    // Only advice: the commit's fdatasync is what makes the object durable.
+                    let _ = rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed);
+                }
             }
             std::fs::rename(&tmp, &path).map_err(|e| io_err("rename", &path, key, e))
         })();
@@ -600,6 +699,49 @@ mod tests {
         r.remove_container("b1").await.unwrap();
         assert_eq!(r.containers().await.unwrap(), ["b2"]);
         assert_eq!(r.list("b1").await.unwrap(), Vec::<String>::new());
+    }
+
+    /// Objects around the `O_DIRECT` threshold and the alignment come back byte for byte,
+    /// at their exact length, several written at once; a commit lets the staging buffers go.
+    #[tokio::test]
+    async fn posix_direct_writes_keep_exact_bytes_and_lengths() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = PosixRepository::new("local", dir.path().join("repo"));
+        let sizes = [
+            DIRECT_MIN - 1,
+            DIRECT_MIN,
+            DIRECT_MIN + 1,
+            DIRECT_MIN + DIRECT_ALIGN - 1,
+            4 << 20,
+            (4 << 20) + 17,
+        ];
+        let object = |i: usize, n: usize| -> Vec<u8> {
+            (0..n).map(|b| (b * 31 + i * 7 + b / 4093) as u8).collect()
+        };
+        let puts = sizes.iter().enumerate().map(|(i, &n)| {
+            let r = r.clone();
+            async move { r.put(&format!("b/chunk-{i}"), object(i, n)).await }
+        });
+        for res in futures::future::join_all(puts).await {
+            res.unwrap();
+        }
+        assert!(!r.staging.lock().unwrap().is_empty());
+        r.put_commit("b/metadata", b"{}".to_vec()).await.unwrap();
+        assert!(r.staging.lock().unwrap().is_empty());
+        for (i, &n) in sizes.iter().enumerate() {
+            let path = dir.path().join(format!("repo/b/chunk-{i}"));
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), n as u64, "{i}");
+            assert!(
+                r.get(&format!("b/chunk-{i}")).await.unwrap() == object(i, n),
+                "{i}"
+            );
+        }
+        let temporary: Vec<_> = std::fs::read_dir(dir.path().join("repo/b"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.to_string_lossy().starts_with('.'))
+            .collect();
+        assert_eq!(temporary, Vec::<std::ffi::OsString>::new());
     }
 
     #[tokio::test]
