@@ -799,9 +799,13 @@ extra_specs = { media = "ssd", host = "comp" }
             }
             assert!(
                 Instant::now() < deadline,
-                "condition of {} stays {cond:?}\n{}",
+                "condition of {} stays {cond:?}\n{}\niscsid's log and the session's state:\n{}",
                 a.id,
-                comp_sessions()
+                comp_sessions(),
+                sh(
+                    "comp",
+                    "tail -n 40 /run/iscsid.log; iscsiadm -m session -P 3 2>&1 | head -n 60 || true"
+                )
             );
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
