@@ -26,7 +26,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
@@ -39,7 +39,7 @@ use super::format::{
     STATUS_AVAILABLE,
 };
 use super::repo::{RepoError, Repository};
-use super::{BackupError, BLOCK_SIZE};
+use super::{BackupError, Buffers, BLOCK_SIZE};
 use crate::agent::data::{data_ranges, is_zero};
 use crate::agent::BackupId;
 use crate::config::{BackupCompression, BackupConfig};
@@ -242,41 +242,6 @@ struct Before {
     entries: Vec<ChunkEntry>,
     digests: Vec<Digest>,
     fast: Option<Vec<Digest>>,
-}
-
-/// Read buffers given back once their chunk is done, so the reader neither allocates nor
-/// has the kernel zero a fresh chunk for every read. Holds at most `keep`.
-struct Buffers {
-    free: Mutex<Vec<Vec<u8>>>,
-    keep: usize,
-}
-
-impl Buffers {
-    fn new(keep: usize) -> Self {
-        Buffers {
-            free: Mutex::new(Vec::new()),
-            keep,
-        }
-    }
-
-    /// A buffer of `len` bytes (their content is whatever was there).
-    fn take(&self, len: usize) -> Vec<u8> {
-        let reused = self
-            .free
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .pop();
-        let mut b = reused.unwrap_or_default();
-        b.resize(len, 0);
-        b
-    }
-
-    fn give(&self, b: Vec<u8>) {
-        let mut free = self.free.lock().unwrap_or_else(PoisonError::into_inner);
-        if free.len() < self.keep {
-            free.push(b);
-        }
-    }
 }
 
 /// The per-block digests of a zero run of `len` bytes (block-aligned), with `digest` giving

@@ -15,12 +15,65 @@ pub mod engine;
 pub mod format;
 pub mod repo;
 
+use std::sync::{Mutex, PoisonError};
+
 use crate::agent::BackupId;
 
 pub use repo::RepoError;
 
 /// Size of the blocks whose digests make up a backup's `sha256file` (Cinder's 32 KiB).
 pub const BLOCK_SIZE: u64 = 32 * 1024;
+
+/// Chunk-sized buffers given back once used, so that a pipeline neither allocates nor has
+/// the kernel zero fresh memory for every chunk: the engine's read buffers, a POSIX
+/// repository's `O_DIRECT` staging buffers. Holds at most `keep`.
+#[derive(Debug)]
+pub(crate) struct Buffers {
+    // The buffers free for reuse. Locked for a take, a give or a clear, never while a
+    // buffer is used.
+    free: Mutex<Vec<Vec<u8>>>,
+    keep: usize,
+}
+
+impl Buffers {
+    /// An empty pool that keeps at most `keep` buffers.
+    pub(crate) fn new(keep: usize) -> Self {
+        Buffers {
+            free: Mutex::new(Vec::new()),
+            keep,
+        }
+    }
+
+    /// A buffer of `len` bytes (their content is whatever was there).
+    pub(crate) fn take(&self, len: usize) -> Vec<u8> {
+        let mut b = self.free().pop().unwrap_or_default();
+        b.resize(len, 0);
+        b
+    }
+
+    /// Gives `b` back for reuse (dropped when the pool is full).
+    pub(crate) fn give(&self, b: Vec<u8>) {
+        let mut free = self.free();
+        if free.len() < self.keep {
+            free.push(b);
+        }
+    }
+
+    /// Lets every kept buffer go.
+    pub(crate) fn clear(&self) {
+        self.free().clear();
+    }
+
+    /// How many buffers are kept now.
+    #[cfg(test)]
+    pub(crate) fn kept(&self) -> usize {
+        self.free().len()
+    }
+
+    fn free(&self) -> std::sync::MutexGuard<'_, Vec<Vec<u8>>> {
+        self.free.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
 
 /// Everything that can go wrong with a backup. Mapped to gRPC codes in `agent_rpc::status`.
 #[derive(Debug, thiserror::Error)]

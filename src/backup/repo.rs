@@ -20,6 +20,7 @@ use object_store::aws::{AmazonS3, AmazonS3Builder};
 use object_store::path::Path as StorePath;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
+use super::Buffers;
 use crate::config::{BackupRepositoryConfig, RepositoryKind};
 
 /// What a repository operation can fail with.
@@ -138,9 +139,8 @@ pub struct PosixRepository {
     // Objects written and not yet flushed, by container. Locked for a push or a take, never
     // while flushing.
     unsynced: Arc<Mutex<HashMap<String, Vec<PathBuf>>>>,
-    // Aligned staging buffers for `O_DIRECT` writes, reused (at most `STAGING_KEPT`). Locked
-    // for a take or a give, never during a write.
-    staging: Arc<Mutex<Vec<Vec<u8>>>>,
+    // Staging buffers for `O_DIRECT` writes, reused (at most `STAGING_KEPT`).
+    staging: Arc<Buffers>,
     // Cleared once the file system refused `O_DIRECT`: then every write is buffered.
     direct: Arc<AtomicBool>,
 }
@@ -155,10 +155,6 @@ pub const DIRECT_MIN: usize = 64 << 10;
 
 /// Staging buffers kept for reuse (as many as writes usually run at once).
 const STAGING_KEPT: usize = 8;
-
-/// `EINVAL`: what `open` or `write` answers when a file system does not take `O_DIRECT`
-/// (or the alignment it needs is larger than [`DIRECT_ALIGN`]).
-const EINVAL: i32 = 22;
 
 fn io_err(op: &'static str, path: &Path, key: &str, e: std::io::Error) -> RepoError {
     use std::io::ErrorKind;
@@ -211,18 +207,31 @@ impl PosixRepository {
             name: name.to_owned(),
             root,
             unsynced: Arc::new(Mutex::new(HashMap::new())),
-            staging: Arc::new(Mutex::new(Vec::new())),
+            staging: Arc::new(Buffers::new(STAGING_KEPT)),
             direct: Arc::new(AtomicBool::new(true)),
         }
     }
 
     /// Writes `data` to the new file `path` with `O_DIRECT`: through a staging buffer whose
     /// window is aligned, padded with zeros to [`DIRECT_ALIGN`], then cut to `data`'s length.
-    /// `Ok(false)` when the file system refuses `O_DIRECT` (nothing is left at `path` then,
-    /// and the caller writes it buffered).
+    /// `Ok(false)` when the repository already found that its file system refuses `O_DIRECT`
+    /// (`EINVAL` at open or write, also when it needs a larger alignment), or finds it now:
+    /// nothing is left at `path` then, every later write is buffered, and the caller writes
+    /// this one buffered.
     fn write_direct(&self, path: &Path, data: &[u8]) -> std::io::Result<bool> {
         use std::os::unix::fs::{FileExt, OpenOptionsExt};
-        let refused = |e: &std::io::Error| e.raw_os_error() == Some(EINVAL);
+        if !self.direct.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
+        let refused = |e: &std::io::Error| {
+            let yes = e.raw_os_error() == Some(rustix::io::Errno::INVAL.raw_os_error());
+            if yes {
+                tracing::info!(repository = %self.name, path = %path.display(),
+                    "the file system refuses O_DIRECT: objects are written through the page cache");
+                self.direct.store(false, Ordering::Relaxed);
+            }
+            yes
+        };
         let file = match std::fs::OpenOptions::new()
             .write(true)
             .create(true)
@@ -235,23 +244,13 @@ impl PosixRepository {
             Err(e) => return Err(e),
         };
         let padded = data.len().next_multiple_of(DIRECT_ALIGN);
-        let mut buf = self
-            .staging
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop()
-            .unwrap_or_default();
-        buf.resize(padded + DIRECT_ALIGN, 0);
+        let mut buf = self.staging.take(padded + DIRECT_ALIGN);
         let at = buf.as_ptr().align_offset(DIRECT_ALIGN);
         let window = &mut buf[at..at + padded];
         window[..data.len()].copy_from_slice(data);
         window[data.len()..].fill(0);
         let written = file.write_all_at(window, 0);
-        let mut kept = self.staging.lock().unwrap_or_else(|p| p.into_inner());
-        if kept.len() < STAGING_KEPT {
-            kept.push(buf);
-        }
-        drop(kept);
+        self.staging.give(buf);
         match written {
             Ok(()) => {}
             Err(e) if refused(&e) => {
@@ -287,24 +286,16 @@ impl PosixRepository {
             sync_dir(&dir, key)?;
             // A commit ends a backup's writes: its staging buffers are not held while idle
             // (a backup still running beside it takes new ones).
-            self.staging
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .clear();
+            self.staging.clear();
         }
         let tmp = dir.join(format!(".{object}.tmp"));
         let path = dir.join(object);
         let written = (|| {
-            let direct = !commit && data.len() >= DIRECT_MIN && self.direct.load(Ordering::Relaxed);
-            let written_direct = direct
+            let written_direct = !commit
+                && data.len() >= DIRECT_MIN
                 && self
                     .write_direct(&tmp, data)
                     .map_err(|e| io_err("write", &tmp, key, e))?;
-            if direct && !written_direct {
-                tracing::info!(repository = %self.name, path = %tmp.display(),
-                    "the file system refuses O_DIRECT: objects are written through the page cache");
-                self.direct.store(false, Ordering::Relaxed);
-            }
             if !written_direct {
                 let mut f =
                     std::fs::File::create(&tmp).map_err(|e| io_err("create", &tmp, key, e))?;
@@ -725,9 +716,19 @@ mod tests {
         for res in futures::future::join_all(puts).await {
             res.unwrap();
         }
-        assert!(!r.staging.lock().unwrap().is_empty());
+        assert!(r.staging.kept() > 0);
+        // Where this file system takes O_DIRECT, the objects above went through it.
+        let probe = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .custom_flags(rustix::fs::OFlags::DIRECT.bits() as i32)
+                .open(dir.path().join("probe"))
+        };
+        assert_eq!(r.direct.load(Ordering::Relaxed), probe.is_ok());
         r.put_commit("b/metadata", b"{}".to_vec()).await.unwrap();
-        assert!(r.staging.lock().unwrap().is_empty());
+        assert_eq!(r.staging.kept(), 0);
         for (i, &n) in sizes.iter().enumerate() {
             let path = dir.path().join(format!("repo/b/chunk-{i}"));
             assert_eq!(std::fs::metadata(&path).unwrap().len(), n as u64, "{i}");
