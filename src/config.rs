@@ -747,6 +747,10 @@ pub struct NodeConfig {
     /// How long NodeStageVolume waits for a disk after the login (and NodeExpandVolume for
     /// the new size), in seconds.
     pub attach_timeout_secs: u64,
+    /// A session to one of our targets that stays out of `LOGGED_IN` this long gets its
+    /// connection stopped for recovery (again every as long while it stays down), which gets
+    /// iscsid out of a reconnect loop it cannot leave by itself (`node::repair`); 0: never.
+    pub session_repair_after_secs: u64,
     /// Where the Prometheus metrics endpoint listens (`GET /metrics`, `GET /healthz`,
     /// "address:port"); off when absent.
     pub metrics_listen: Option<std::net::SocketAddr>,
@@ -763,6 +767,7 @@ impl Default for NodeConfig {
             max_volumes_per_node: 64,
             chap_key_file: None,
             attach_timeout_secs: 30,
+            session_repair_after_secs: 30,
             metrics_listen: None,
         }
     }

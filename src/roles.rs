@@ -25,7 +25,7 @@ use crate::k8s::leader::Leadership;
 use crate::metrics::{self, MetricsError};
 use crate::node::iscsi::IscsiInitiator;
 use crate::node::mounter::LinuxMounter;
-use crate::node::{Node, NodeSettings};
+use crate::node::{Node, NodeSettings, SessionRepair};
 use crate::operator::OperatorService;
 use crate::proto::agent::agent_server::AgentServer;
 use crate::proto::csi::controller_server::ControllerServer;
@@ -268,7 +268,7 @@ pub async fn run_node(cfg: NodeConfig, shutdown: CancellationToken) -> Result<()
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
-    let node = node_service(&cfg, key).await;
+    let node = node_service(&cfg, key, &shutdown).await;
     let rpcs = Arc::new(RpcMetrics::default());
     if let Some(listener) = metrics_listener {
         let collector = Arc::new(NodeMetrics(rpcs.clone()));
@@ -283,9 +283,14 @@ pub async fn run_node(cfg: NodeConfig, shutdown: CancellationToken) -> Result<()
 }
 
 /// The CSI Node service acting on this host (commands behind `exec_prefix`), reconciled
-/// once before it serves. A failed reconciliation (iscsid or iscsiadm missing) is logged:
-/// the service still answers, and Probe says whether iscsid is there.
-async fn node_service(cfg: &NodeConfig, chap_key: Option<ChapKey>) -> NodeServer<NodeService> {
+/// once before it serves, with session repair running beside it until `shutdown`. A failed
+/// reconciliation (iscsid or iscsiadm missing) is logged: the service still answers, and
+/// Probe says whether iscsid is there.
+async fn node_service(
+    cfg: &NodeConfig,
+    chap_key: Option<ChapKey>,
+    shutdown: &CancellationToken,
+) -> NodeServer<NodeService> {
     let runner = Runner::with_prefix(cfg.exec_prefix.clone());
     let settings = NodeSettings {
         node_name: cfg.node_name.clone(),
@@ -317,7 +322,28 @@ async fn node_service(cfg: &NodeConfig, chap_key: Option<ChapKey>) -> NodeServer
             "node reconciliation failed; serving anyway"
         ),
     }
+    if cfg.session_repair_after_secs > 0 {
+        let after = Duration::from_secs(cfg.session_repair_after_secs);
+        tokio::spawn(repair_sessions(node.clone(), after, shutdown.clone()));
+    }
     NodeServer::new(NodeService::new(node))
+}
+
+/// Session repair (`node::repair`): a look at the sessions every `after / 4` (1 to 10 s).
+async fn repair_sessions(node: Arc<Node>, after: Duration, shutdown: CancellationToken) {
+    let mut repair = SessionRepair::new(after);
+    let mut tick =
+        tokio::time::interval((after / 4).clamp(Duration::from_secs(1), Duration::from_secs(10)));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => {}
+        }
+        if let Err(e) = node.repair_sessions(&mut repair).await {
+            tracing::debug!(error = %crate::logging::error_chain(&e), "session repair: cannot list sessions");
+        }
+    }
 }
 
 /// The agent is ready when tgtd answers and every pool can be read.
@@ -515,7 +541,7 @@ pub async fn run_all(
         None
     } else {
         Some(Observed::new(
-            node_service(&cfg.node, Some(node_key)).await,
+            node_service(&cfg.node, Some(node_key), &shutdown).await,
             rpcs.clone(),
         ))
     };

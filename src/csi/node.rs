@@ -52,7 +52,9 @@ fn initiator_code(e: &InitiatorError) -> Code {
             Failure::SessionExists | Failure::NotFound | Failure::Other => Code::Internal,
         },
         InitiatorError::Exec { source, .. } => exec_code(source),
-        InitiatorError::Io { .. } | InitiatorError::Parse { .. } => Code::Internal,
+        InitiatorError::Io { .. }
+        | InitiatorError::Netlink { .. }
+        | InitiatorError::Parse { .. } => Code::Internal,
     }
 }
 

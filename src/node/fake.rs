@@ -639,6 +639,24 @@ impl Initiator for FakeHost {
         Ok(())
     }
 
+    /// Models iscsid's next attempt after the stop: a session whose portal is reachable
+    /// logs in again; no such session is an error, as the kernel's (`EINVAL`).
+    async fn reset_connection(&self, sid: u32) -> Result<(), InitiatorError> {
+        let mut s = self.lock();
+        let Some(i) = s.sessions.iter().position(|x| x.sid == sid) else {
+            return Err(InitiatorError::Netlink {
+                op: format!("stop the connection of session {sid} for recovery"),
+                source: std::io::Error::from_raw_os_error(22),
+            });
+        };
+        let reachable = !s.unreachable.contains(&s.sessions[i].portal);
+        if reachable {
+            s.sessions[i].state = SESSION_LOGGED_IN.into();
+        }
+        s.log.push(format!("reset-connection {sid}"));
+        Ok(())
+    }
+
     async fn by_path(&self, name: &str) -> Result<Option<String>, InitiatorError> {
         let mut s = self.lock();
         let found = s

@@ -46,6 +46,15 @@ pub enum InitiatorError {
         #[source]
         source: std::io::Error,
     },
+    /// The kernel's iSCSI netlink interface refused or could not be reached.
+    #[error("{op}")]
+    Netlink {
+        /// What was being done.
+        op: String,
+        /// The OS error (the kernel's errno for a refusal).
+        #[source]
+        source: std::io::Error,
+    },
     /// Tool output or a file did not read as expected.
     #[error("cannot parse {what}: {reason}")]
     Parse {
@@ -154,6 +163,11 @@ pub trait Initiator: Send + Sync {
 
     /// Rescans a session: new LUNs appear, existing ones re-read their size.
     async fn rescan(&self, sid: u32) -> Result<(), InitiatorError>;
+
+    /// Stops session `sid`'s connection for recovery, as iscsid does before it reconnects
+    /// (the session and its disks stay; iscsid's next attempt logs in again). See
+    /// `node::repair` for when and why.
+    async fn reset_connection(&self, sid: u32) -> Result<(), InitiatorError>;
 
     /// The disk `/dev/disk/by-path/NAME` points to, once udev made the link.
     async fn by_path(&self, name: &str) -> Result<Option<String>, InitiatorError>;

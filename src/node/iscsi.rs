@@ -10,10 +10,13 @@ use std::path::{Path, PathBuf};
 
 use super::initiator::{Initiator, InitiatorError, Record, Session};
 use super::model::Portal;
-use super::sysfs;
+use super::{netlink, sysfs};
 use crate::agent::chap::ChapCredentials;
 use crate::exec::iscsiadm::{self, keys, Failure};
 use crate::exec::{mount as tools, Cmd, Output, Runner};
+
+/// The transport of every session the node makes (`iface.transport_name`).
+const ISCSI_TCP: &str = "tcp";
 
 /// open-iscsi through iscsiadm and sysfs.
 #[derive(Clone, Debug)]
@@ -239,6 +242,22 @@ impl Initiator for IscsiInitiator {
         self.iscsiadm(&op, iscsiadm::rescan(sid), &[Failure::NotFound])
             .await
             .map(drop)
+    }
+
+    async fn reset_connection(&self, sid: u32) -> Result<(), InitiatorError> {
+        let op = format!("stop the connection of session {sid} for recovery");
+        let sys = self.sys.clone();
+        let stop = move || {
+            let handle = netlink::transport_handle(&sys, ISCSI_TCP)?;
+            netlink::stop_conn_for_recovery(handle, sid, 0)
+        };
+        match tokio::task::spawn_blocking(stop).await {
+            Ok(r) => r.map_err(|source| InitiatorError::Netlink { op, source }),
+            Err(e) => Err(InitiatorError::Netlink {
+                op,
+                source: std::io::Error::other(e.to_string()),
+            }),
+        }
     }
 
     async fn by_path(&self, name: &str) -> Result<Option<String>, InitiatorError> {

@@ -32,8 +32,10 @@ pub mod iscsi;
 pub mod model;
 pub mod mounter;
 pub mod mountinfo;
+pub mod netlink;
 mod publish;
 mod reconcile;
+pub mod repair;
 mod stage;
 mod stats;
 pub mod sysfs;
@@ -53,6 +55,7 @@ pub use initiator::{Initiator, InitiatorError};
 pub use model::*;
 pub use mounter::{MountError, Mounter};
 pub use reconcile::ReconcileReport;
+pub use repair::SessionRepair;
 
 /// Everything that can go wrong in the node service. The one mapping to gRPC codes is in
 /// `crate::csi::node`.

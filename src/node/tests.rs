@@ -721,6 +721,48 @@ async fn stats_and_conditions() {
 }
 
 #[tokio::test]
+async fn a_session_left_down_gets_its_connection_stopped_for_recovery() {
+    let b = Bed::new();
+    let (v, w) = (vol("down"), vol("up"));
+    b.export(&v, &[PORTAL], Bytes::gib(1));
+    b.export(&w, &[PORTAL], Bytes::gib(1));
+    for (x, n) in [(&v, "v"), (&w, "w")] {
+        b.node
+            .stage(b.stage_req(x, &staging(n), ext4()))
+            .await
+            .unwrap();
+    }
+    let (tv, tw) = (target_iqn(&v), target_iqn(&w));
+    b.host.set_session_state(&tv, "FAILED");
+    b.take_log();
+    // While the portal is unreachable the reset is sent, and the session stays down.
+    b.host.set_reachable(PORTAL, false);
+    let mut repair = SessionRepair::new(Duration::ZERO);
+    let first = b.node.repair_sessions(&mut repair).await.unwrap();
+    assert_eq!(first.len(), 1);
+    assert_eq!(b.take_log(), vec![format!("reset-connection {}", first[0])]);
+    let st = b.node.stats(&v, &staging("v")).await.unwrap();
+    assert!(
+        st.abnormal.as_deref().is_some_and(|m| m.contains("FAILED")),
+        "{st:?}"
+    );
+    // Reachable again: the next round's reset brings it back; the healthy one is never touched.
+    b.host.set_reachable(PORTAL, true);
+    assert_eq!(b.node.repair_sessions(&mut repair).await.unwrap(), first);
+    assert_eq!(b.take_log(), vec![format!("reset-connection {}", first[0])]);
+    assert_eq!(
+        b.node.stats(&v, &staging("v")).await.unwrap().abnormal,
+        None
+    );
+    assert_eq!(
+        b.node.repair_sessions(&mut repair).await.unwrap(),
+        Vec::<u32>::new()
+    );
+    assert_eq!(b.take_log(), Vec::<String>::new());
+    assert_eq!(b.host.session_portals(&tw), vec![PORTAL.to_owned()]);
+}
+
+#[tokio::test]
 async fn expand_rescans_and_grows_the_file_system() {
     let b = Bed::new();
     let v = vol("grow");

@@ -88,7 +88,8 @@ def main():
         n = v.get("node", {})
         for vk, tk in (("zone", "zone"), ("execPrefix", "exec_prefix"),
                        ("maxVolumesPerNode", "max_volumes_per_node"),
-                       ("attachTimeoutSecs", "attach_timeout_secs")):
+                       ("attachTimeoutSecs", "attach_timeout_secs"),
+                       ("sessionRepairAfterSecs", "session_repair_after_secs")):
             if vk in n:
                 same(n[vk], node.get(tk), f"node.{vk}")
     print(f"check_chart_toml: {len(tomls)} TOML files parse"
