@@ -561,6 +561,15 @@ extra_specs = { media = "ssd", host = "comp" }
             .node_id
     }
 
+    /// The controller on the host with both storage VMs' pools up, a client of it, and
+    /// comp's node id: what every attach test starts from (keep the controller alive).
+    async fn controller_and_comp() -> (Controller, Client, String) {
+        let ctl = Controller::start();
+        let mut c = ctl.client().await;
+        wait_both_pools(&mut c, &ctl).await;
+        (ctl, c, comp_node_id().await)
+    }
+
     /// A volume of the storage VM attached to the compute VM.
     struct Attached {
         id: String,
@@ -609,19 +618,8 @@ extra_specs = { media = "ssd", host = "comp" }
 
     /// Creates a thin volume on stor, publishes it to comp and stages it there (twice: the
     /// second call must be a no-op); with `publish`, also bind-mounts it into a pod path.
+    /// With `portal`, comp logs in through it instead of the one the controller gives.
     async fn attach(
-        c: &mut Client,
-        node_id: &str,
-        name: &str,
-        fs: Option<&'static str>,
-        mib: i64,
-        publish: bool,
-    ) -> Attached {
-        attach_via(c, node_id, name, fs, mib, publish, None).await
-    }
-
-    /// [`attach`], logging in through `portal` instead of the one the controller gives.
-    async fn attach_via(
         c: &mut Client,
         node_id: &str,
         name: &str,
@@ -739,7 +737,7 @@ extra_specs = { media = "ssd", host = "comp" }
         fs: Option<&'static str>,
         mib: i64,
     ) {
-        let a = attach(c, node_id, name, fs, mib, true).await;
+        let a = attach(c, node_id, name, fs, mib, true, None).await;
         let (id, target) = (a.id.clone(), a.target.clone());
         let sha = match fs {
             Some(_) => comp_write(&format!("{target}/file")),
@@ -899,14 +897,11 @@ extra_specs = { media = "ssd", host = "comp" }
     #[tokio::test]
     #[ignore = "needs the e2e VMs (make e2e)"]
     async fn node_hygiene_two_volumes_expand_restart_stale_session_reboot() {
-        let ctl = Controller::start();
-        let mut c = ctl.client().await;
-        wait_both_pools(&mut c, &ctl).await;
-        let node_id = comp_node_id().await;
+        let (_ctl, mut c, node_id) = controller_and_comp().await;
 
         // Two volumes through the same portal: unstaging one leaves the other alone.
-        let a = attach(&mut c, &node_id, "e2e-h-a", Some("ext4"), 64, true).await;
-        let b = attach(&mut c, &node_id, "e2e-h-b", Some("ext4"), 64, true).await;
+        let a = attach(&mut c, &node_id, "e2e-h-a", Some("ext4"), 64, true, None).await;
+        let b = attach(&mut c, &node_id, "e2e-h-b", Some("ext4"), 64, true, None).await;
         assert_eq!(a.context["portals"], b.context["portals"]);
         comp_write(&format!("{}/file", a.target));
         let sha_b = comp_write(&format!("{}/file", b.target));
@@ -988,7 +983,16 @@ extra_specs = { media = "ssd", host = "comp" }
 
         // A stale session: an unstage cut short after the unmount (node service dead), and
         // the volume deleted on the storage side. The next start logs it out.
-        let s = attach(&mut c, &node_id, "e2e-h-stale", Some("ext4"), 64, false).await;
+        let s = attach(
+            &mut c,
+            &node_id,
+            "e2e-h-stale",
+            Some("ext4"),
+            64,
+            false,
+            None,
+        )
+        .await;
         comp_kill(false);
         sh("comp", &format!("umount {}", s.stage));
         detach_on_controller_and_delete(&mut c, &node_id, &s).await;
@@ -1118,17 +1122,14 @@ extra_specs = { media = "ssd", host = "comp" }
     #[tokio::test]
     #[ignore = "needs the e2e VMs (make e2e)"]
     async fn a_session_down_behind_a_flapping_portal_is_repaired() {
-        let ctl = Controller::start();
-        let mut c = ctl.client().await;
-        wait_both_pools(&mut c, &ctl).await;
-        let node_id = comp_node_id().await;
+        let (_ctl, mut c, node_id) = controller_and_comp().await;
         let relay = "bash /mnt/host/e2e/flap-portal.sh";
         sh(
             "stor",
             &format!("{relay} stop; {relay} start 3262 127.0.0.1:3260"),
         );
         let portal = Some("192.168.77.1:3262");
-        let a = attach_via(
+        let a = attach(
             &mut c,
             &node_id,
             "e2e-r-flap",
@@ -1197,11 +1198,8 @@ extra_specs = { media = "ssd", host = "comp" }
     #[tokio::test]
     #[ignore = "needs the e2e VMs (make e2e)"]
     async fn backup_of_an_attached_volume_being_written_restores_on_the_other_vm() {
-        let ctl = Controller::start();
-        let mut c = ctl.client().await;
-        wait_both_pools(&mut c, &ctl).await;
-        let node_id = comp_node_id().await;
-        let a = attach(&mut c, &node_id, "e2e-bk", Some("ext4"), 64, true).await;
+        let (ctl, mut c, node_id) = controller_and_comp().await;
+        let a = attach(&mut c, &node_id, "e2e-bk", Some("ext4"), 64, true, None).await;
         assert_eq!(holder(&a.id), ["stor"]);
         let sha = comp_write(&format!("{}/file", a.target));
         sh(
