@@ -25,7 +25,7 @@ use crate::k8s::leader::Leadership;
 use crate::metrics::{self, MetricsError};
 use crate::node::iscsi::IscsiInitiator;
 use crate::node::mounter::LinuxMounter;
-use crate::node::{Node, NodeSettings, SessionRepair};
+use crate::node::{Node, NodeSettings, RepairCounts, SessionRepair};
 use crate::operator::OperatorService;
 use crate::proto::agent::agent_server::AgentServer;
 use crate::proto::csi::controller_server::ControllerServer;
@@ -156,6 +156,7 @@ pub async fn run_controller(
             rpcs: rpcs.clone(),
             controller: core,
             leadership: leadership.clone(),
+            repairs: None,
         });
         tokio::spawn(metrics::serve(listener, collector, shutdown.clone()));
     }
@@ -268,10 +269,13 @@ pub async fn run_node(cfg: NodeConfig, shutdown: CancellationToken) -> Result<()
         Some(addr) => Some(metrics::bind(addr).await?),
         None => None,
     };
-    let node = node_service(&cfg, key, &shutdown).await;
+    let (node, repairs) = node_service(&cfg, key, &shutdown).await;
     let rpcs = Arc::new(RpcMetrics::default());
     if let Some(listener) = metrics_listener {
-        let collector = Arc::new(NodeMetrics(rpcs.clone()));
+        let collector = Arc::new(NodeMetrics {
+            rpcs: rpcs.clone(),
+            repairs,
+        });
         tokio::spawn(metrics::serve(listener, collector, shutdown.clone()));
     }
     tracing::info!(endpoint = %cfg.endpoint, node = %cfg.node_name, zone = %cfg.zone, "node serving");
@@ -290,7 +294,7 @@ async fn node_service(
     cfg: &NodeConfig,
     chap_key: Option<ChapKey>,
     shutdown: &CancellationToken,
-) -> NodeServer<NodeService> {
+) -> (NodeServer<NodeService>, Arc<RepairCounts>) {
     let runner = Runner::with_prefix(cfg.exec_prefix.clone());
     let settings = NodeSettings {
         node_name: cfg.node_name.clone(),
@@ -326,7 +330,8 @@ async fn node_service(
         let after = Duration::from_secs(cfg.session_repair_after_secs);
         tokio::spawn(repair_sessions(node.clone(), after, shutdown.clone()));
     }
-    NodeServer::new(NodeService::new(node))
+    let repairs = node.repair_counts();
+    (NodeServer::new(NodeService::new(node)), repairs)
 }
 
 /// Session repair (`node::repair`): a look at the sessions every `after / 4` (1 to 10 s).
@@ -528,23 +533,22 @@ pub async fn run_all(
     tracing::info!(%endpoint, node = !without_node, "all-in-one serving");
     let (controller, operator, core) =
         controller_service(&cfg.controller, tls.as_ref(), shutdown.clone()).await?;
+    let node = if without_node {
+        None
+    } else {
+        Some(node_service(&cfg.node, Some(node_key), &shutdown).await)
+    };
     let rpcs = Arc::new(RpcMetrics::default());
     if let Some(listener) = metrics_listener {
         let collector = Arc::new(ControllerMetrics {
             rpcs: rpcs.clone(),
             controller: core,
             leadership: Leadership::always(),
+            repairs: node.as_ref().map(|(_, r)| r.clone()),
         });
         tokio::spawn(metrics::serve(listener, collector, shutdown.clone()));
     }
-    let node = if without_node {
-        None
-    } else {
-        Some(Observed::new(
-            node_service(&cfg.node, Some(node_key), &shutdown).await,
-            rpcs.clone(),
-        ))
-    };
+    let node = node.map(|(n, _)| Observed::new(n, rpcs.clone()));
     let router = Server::builder()
         .add_service(Observed::new(identity(services, readiness), rpcs.clone()))
         .add_service(Observed::new(CallerDeadline::new(controller), rpcs))

@@ -1168,6 +1168,11 @@ extra_specs = { media = "ssd", host = "comp" }
             looped.trim()
         );
 
+        positive(
+            &guest_metrics("comp", GUEST_CSI_METRICS),
+            "cinderblock_node_session_repairs_total",
+            "comp node",
+        );
         sh("stor", &format!("{relay} forward"));
         wait_condition(&a, false, Duration::from_secs(120)).await;
         assert_eq!(comp_sha(&format!("{}/file", a.target)), sha);

@@ -26,6 +26,7 @@ use crate::agent_rpc::metrics::{code_of, method_of};
 use crate::controller::Controller;
 use crate::k8s::leader::Leadership;
 use crate::metrics::{Collector, CounterVec, Exposition, HistogramVec, Kind, LATENCY_BUCKETS};
+use crate::node::RepairCounts;
 use crate::scheduler::Capacity;
 
 /// Distinct label combinations kept before the rest go to `other`.
@@ -109,18 +110,41 @@ where
     }
 }
 
-/// The node role's metrics: its CSI calls.
+/// The node role's metrics: its CSI calls and what session repair did.
 #[derive(Debug)]
-pub struct NodeMetrics(pub Arc<RpcMetrics>);
+pub struct NodeMetrics {
+    /// CSI calls.
+    pub rpcs: Arc<RpcMetrics>,
+    /// Session repair's counts.
+    pub repairs: Arc<RepairCounts>,
+}
+
+/// Session repair's counters (`node::repair`).
+fn write_repairs(out: &mut Exposition, r: &RepairCounts) {
+    out.single(
+        "cinderblock_node_session_repairs_total",
+        Kind::Counter,
+        "Connections of sessions down for session_repair_after_secs stopped for recovery.",
+        r.stopped.get(),
+    );
+    out.single(
+        "cinderblock_node_session_repair_failures_total",
+        Kind::Counter,
+        "Stops for recovery that failed (kernel refusal, no iSCSI netlink).",
+        r.failed.get(),
+    );
+}
 
 #[async_trait::async_trait]
 impl Collector for NodeMetrics {
     async fn collect(&self, out: &mut Exposition) {
-        self.0.write(out);
+        self.rpcs.write(out);
+        write_repairs(out, &self.repairs);
     }
 }
 
-/// The controller role's metrics: CSI calls, pools as the scheduler sees them, leadership.
+/// The controller role's metrics: CSI calls, pools as the scheduler sees them, leadership;
+/// in `cinderblock all`, also the node's session repair.
 #[derive(Debug)]
 pub struct ControllerMetrics {
     /// CSI calls.
@@ -129,6 +153,8 @@ pub struct ControllerMetrics {
     pub controller: Arc<Controller>,
     /// Whether this replica leads.
     pub leadership: Leadership,
+    /// The node's session repair counts, when a node service runs in the same process.
+    pub repairs: Option<Arc<RepairCounts>>,
 }
 
 type PoolValue = fn(&crate::controller::PoolReport) -> Option<u64>;
@@ -184,5 +210,8 @@ impl Collector for ControllerMetrics {
             "1 when this replica is the leader.",
             u64::from(self.leadership.is_leader()),
         );
+        if let Some(r) = &self.repairs {
+            write_repairs(out, r);
+        }
     }
 }

@@ -55,7 +55,7 @@ pub use initiator::{Initiator, InitiatorError};
 pub use model::*;
 pub use mounter::{MountError, Mounter};
 pub use reconcile::ReconcileReport;
-pub use repair::SessionRepair;
+pub use repair::{RepairCounts, SessionRepair};
 
 /// Everything that can go wrong in the node service. The one mapping to gRPC codes is in
 /// `crate::csi::node`.
@@ -193,6 +193,7 @@ pub struct Node {
     chap_key: Option<ChapKey>,
     guards: guard::Guards,
     targets: guard::TargetLocks,
+    repairs: Arc<repair::RepairCounts>,
 }
 
 impl std::fmt::Debug for Node {
@@ -221,12 +222,18 @@ impl Node {
             chap_key,
             guards: guard::Guards::default(),
             targets: guard::TargetLocks::default(),
+            repairs: Arc::default(),
         }
     }
 
     /// The settings.
     pub fn settings(&self) -> &NodeSettings {
         &self.settings
+    }
+
+    /// What session repair did so far.
+    pub fn repair_counts(&self) -> Arc<repair::RepairCounts> {
+        self.repairs.clone()
     }
 
     /// NodeGetInfo: `<node name>/<initiator IQN>`, read from the host each time (iscsid may

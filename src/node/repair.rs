@@ -22,6 +22,16 @@ use std::time::{Duration, Instant};
 use super::initiator::Session;
 use super::Node;
 use crate::agent::ids::TARGET_IQN_PREFIX;
+use crate::metrics::Counter;
+
+/// What session repair did since the process started (for the metrics endpoint).
+#[derive(Debug, Default)]
+pub struct RepairCounts {
+    /// Connections stopped for recovery.
+    pub stopped: Counter,
+    /// Stops that failed (refused by the kernel, or netlink unreachable).
+    pub failed: Counter,
+}
 
 /// A session being watched while it is down.
 #[derive(Clone, Debug)]
@@ -124,14 +134,18 @@ impl Node {
                         down_secs = due.down_for.as_secs(),
                         "session down: its connection was stopped for recovery so iscsid can log in again"
                     );
+                    self.repairs.stopped.inc();
                     reset.push(due.sid);
                 }
-                Err(e) => tracing::warn!(
-                    sid = due.sid,
-                    target = %due.target,
-                    error = %crate::logging::error_chain(&e),
-                    "session down and its connection cannot be stopped for recovery"
-                ),
+                Err(e) => {
+                    self.repairs.failed.inc();
+                    tracing::warn!(
+                        sid = due.sid,
+                        target = %due.target,
+                        error = %crate::logging::error_chain(&e),
+                        "session down and its connection cannot be stopped for recovery"
+                    )
+                }
             }
         }
         Ok(reset)

@@ -760,6 +760,8 @@ async fn a_session_left_down_gets_its_connection_stopped_for_recovery() {
     );
     assert_eq!(b.take_log(), Vec::<String>::new());
     assert_eq!(b.host.session_portals(&tw), vec![PORTAL.to_owned()]);
+    let counts = b.node.repair_counts();
+    assert_eq!((counts.stopped.get(), counts.failed.get()), (2, 0));
 }
 
 #[tokio::test]
