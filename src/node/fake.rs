@@ -13,7 +13,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
-use super::initiator::{Disk, Initiator, InitiatorError, Record, Session, SESSION_LOGGED_IN};
+use super::initiator::{
+    Disk, Initiator, InitiatorError, Record, Session, SysSession, SESSION_LOGGED_IN,
+};
 use super::model::{Portal, TargetLun};
 use super::mounter::{FsState, FsStats, MountError, Mounter};
 use super::mountinfo::MountEntry;
@@ -485,6 +487,19 @@ impl Initiator for FakeHost {
                         holders: d.holders.clone(),
                     })
                     .collect(),
+            })
+            .collect())
+    }
+
+    async fn session_states(&self) -> Result<Vec<SysSession>, InitiatorError> {
+        Ok(self
+            .lock()
+            .sessions
+            .iter()
+            .map(|x| SysSession {
+                sid: x.sid,
+                target: x.target.clone(),
+                state: x.state.clone(),
             })
             .collect())
     }

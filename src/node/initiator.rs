@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 
 use super::model::Portal;
+pub use super::sysfs::SysSession;
 use crate::agent::chap::ChapCredentials;
 use crate::exec::iscsiadm::Failure;
 use crate::exec::ExecError;
@@ -139,6 +140,9 @@ pub trait Initiator: Send + Sync {
 
     /// Every session with its disks.
     async fn sessions(&self) -> Result<Vec<Session>, InitiatorError>;
+
+    /// Every session's id, target and state only (sysfs, no tool run: cheap enough to poll).
+    async fn session_states(&self) -> Result<Vec<SysSession>, InitiatorError>;
 
     /// Every node record.
     async fn records(&self) -> Result<Vec<Record>, InitiatorError>;

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::initiator::{Initiator, InitiatorError, Record, Session};
+use super::initiator::{Initiator, InitiatorError, Record, Session, SysSession};
 use super::model::Portal;
 use super::{netlink, sysfs};
 use crate::agent::chap::ChapCredentials;
@@ -112,8 +112,12 @@ impl Initiator for IscsiInitiator {
         })
     }
 
+    async fn session_states(&self) -> Result<Vec<SysSession>, InitiatorError> {
+        self.sysfs("list iSCSI sessions", sysfs::sessions).await
+    }
+
     async fn sessions(&self) -> Result<Vec<Session>, InitiatorError> {
-        let listed = self.sysfs("list iSCSI sessions", sysfs::sessions).await?;
+        let listed = self.session_states().await?;
         if listed.is_empty() {
             // Nothing logged in (or no iSCSI module loaded): iscsiadm need not be installed.
             return Ok(Vec::new());

@@ -40,8 +40,7 @@ const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The stop request for connection `cid` of session `sid`.
 fn stop_request(transport_handle: u64, sid: u32, cid: u32) -> Vec<u8> {
     let mut m = Vec::with_capacity(NLMSG_HDRLEN + EVENT_LEN);
-    let total = u32::try_from(NLMSG_HDRLEN + EVENT_LEN).unwrap_or(u32::MAX);
-    m.extend_from_slice(&total.to_ne_bytes()); // nlmsg_len
+    m.extend_from_slice(&((NLMSG_HDRLEN + EVENT_LEN) as u32).to_ne_bytes()); // nlmsg_len
     m.extend_from_slice(&(ISCSI_UEVENT_STOP_CONN as u16).to_ne_bytes()); // nlmsg_type
     m.extend_from_slice(&0u16.to_ne_bytes()); // nlmsg_flags
     m.extend_from_slice(&1u32.to_ne_bytes()); // nlmsg_seq

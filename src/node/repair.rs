@@ -19,7 +19,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use super::initiator::Session;
+use super::initiator::{SysSession, SESSION_LOGGED_IN};
 use super::Node;
 use crate::agent::ids::TARGET_IQN_PREFIX;
 use crate::metrics::Counter;
@@ -73,10 +73,10 @@ impl SessionRepair {
 
     /// The sessions to reset now, given every session the host has at `now`. Other
     /// projects' sessions are never picked.
-    pub fn due(&mut self, now: Instant, sessions: &[Session]) -> Vec<Due> {
-        let down: Vec<&Session> = sessions
+    pub fn due(&mut self, now: Instant, sessions: &[SysSession]) -> Vec<Due> {
+        let down: Vec<&SysSession> = sessions
             .iter()
-            .filter(|s| s.target.starts_with(TARGET_IQN_PREFIX) && !s.logged_in())
+            .filter(|s| s.target.starts_with(TARGET_IQN_PREFIX) && s.state != SESSION_LOGGED_IN)
             .collect();
         // A sid reused for another target starts a new watch.
         self.down
@@ -112,16 +112,13 @@ impl Node {
         &self,
         repair: &mut SessionRepair,
     ) -> Result<Vec<u32>, super::NodeError> {
-        let sessions = self.initiator.sessions().await?;
+        let sessions = self.initiator.session_states().await?;
         let mut reset = Vec::new();
         for due in repair.due(Instant::now(), &sessions) {
             let _lock = self.targets.lock(&due.target).await;
-            let still_down = self
-                .initiator
-                .sessions()
-                .await?
-                .iter()
-                .any(|s| s.sid == due.sid && s.target == due.target && !s.logged_in());
+            let still_down = self.initiator.session_states().await?.iter().any(|s| {
+                s.sid == due.sid && s.target == due.target && s.state != SESSION_LOGGED_IN
+            });
             if !still_down {
                 continue;
             }
@@ -156,13 +153,11 @@ impl Node {
 mod tests {
     use super::*;
 
-    fn s(sid: u32, target: &str, state: &str) -> Session {
-        Session {
+    fn s(sid: u32, target: &str, state: &str) -> SysSession {
+        SysSession {
             sid,
             target: target.into(),
-            portal: "192.0.2.1:3260".into(),
             state: state.into(),
-            disks: Vec::new(),
         }
     }
 
