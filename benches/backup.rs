@@ -16,7 +16,8 @@
 //! detected). Volumes and baseline outputs are removed once measured, so the run needs about
 //! three volumes of disk under `TMPDIR` (default /var/tmp). To profile one backup,
 //! `CINDERBLOCK_BENCH_BACKUP_ONLY=full` stops after the full backup's first line, and
-//! `=incremental` runs only the full and the incremental. The goals are the issue's. stderr
+//! `=incremental` runs only the full and the incremental, `=zeros` only the all-zero and
+//! the random volumes. The goals are the issue's. stderr
 //! gets a note per backup (wall time, CPU time, share of the cores busy); stdout gets one
 //! line per figure in the project's bench format:
 //!
@@ -137,9 +138,102 @@ fn text(n: usize) -> Vec<u8> {
 
 struct Bench {
     agent: Arc<AgentService>,
-    dir: tempfile::TempDir,
+    dir: Scratch,
     size: u64,
     next: u32,
+}
+
+/// Where the bench keeps its pool, repository and baseline outputs: by default an XFS file
+/// system made for the run (reflinks on, so the file pool tracks changes as on a storage node
+/// with XFS) on a loop device over a sparse file under `TMPDIR`, when this process may make
+/// one (root, `mkfs.xfs`, a loop device); otherwise, or with
+/// `CINDERBLOCK_BENCH_BACKUP_FS=plain`, a directory under `TMPDIR` as it is.
+struct Scratch {
+    dir: tempfile::TempDir,
+    /// The loop device and its backing file, when on XFS.
+    xfs: Option<(String, PathBuf)>,
+}
+
+impl Scratch {
+    fn new() -> Result<Scratch, String> {
+        let tmp =
+            std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from);
+        let dir = tempfile::Builder::new()
+            .prefix("cinderblock-bench-backup")
+            .tempdir_in(&tmp)
+            .map_err(|e| e.to_string())?;
+        let mut s = Scratch { dir, xfs: None };
+        if std::env::var("CINDERBLOCK_BENCH_BACKUP_FS").as_deref() != Ok("plain") {
+            match s.mount_xfs(&tmp) {
+                Ok(()) => eprintln!("bench: note: pool and repository on XFS (loop device, reflinks: change tracking on)"),
+                Err(e) => eprintln!("bench: note: pool and repository in {} as it is (no XFS: {e})", tmp.display()),
+            }
+        }
+        Ok(s)
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Mounts a fresh XFS over the scratch directory: a sparse 24 GiB file (room for the
+    /// volumes, backups and baseline outputs alive at once; XFS reuses the blocks of deleted
+    /// ones), attached with direct I/O so its data is cached once, by XFS.
+    fn mount_xfs(&mut self, tmp: &Path) -> Result<(), String> {
+        let image = tmp.join(format!(
+            "{}.xfs",
+            self.dir
+                .path()
+                .file_name()
+                .map_or_else(String::new, |n| n.to_string_lossy().into_owned())
+        ));
+        let f = std::fs::File::create(&image).map_err(|e| e.to_string())?;
+        f.set_len(24 << 30).map_err(|e| e.to_string())?;
+        drop(f);
+        let run = |cmd: &mut Command| -> Result<String, String> {
+            let out = cmd.output().map_err(|e| format!("{cmd:?}: {e}"))?;
+            if out.status.success() {
+                Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+            } else {
+                Err(format!(
+                    "{cmd:?}: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ))
+            }
+        };
+        let made = run(Command::new("mkfs.xfs")
+            .args(["-q", "-f", "-m", "reflink=1"])
+            .arg(&image))
+        .and_then(|_| {
+            run(Command::new("losetup")
+                .args(["-f", "--show", "--direct-io=on"])
+                .arg(&image))
+        });
+        let dev = match made {
+            Ok(dev) => dev,
+            Err(e) => {
+                let _ = std::fs::remove_file(&image);
+                return Err(e);
+            }
+        };
+        if let Err(e) = run(Command::new("mount").arg(&dev).arg(self.dir.path())) {
+            let _ = run(Command::new("losetup").args(["-d", &dev]));
+            let _ = std::fs::remove_file(&image);
+            return Err(e);
+        }
+        self.xfs = Some((dev, image));
+        Ok(())
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        if let Some((dev, image)) = self.xfs.take() {
+            let _ = Command::new("umount").arg(self.dir.path()).status();
+            let _ = Command::new("losetup").args(["-d", &dev]).status();
+            let _ = std::fs::remove_file(image);
+        }
+    }
 }
 
 impl Bench {
@@ -171,6 +265,7 @@ impl Bench {
     }
 
     async fn backup(&self, volume: &VolumeId, id: &str, incremental: bool) -> (Duration, u64) {
+        quiesce();
         let cpu0 = cpu_secs();
         let start = Instant::now();
         let r = self
@@ -212,6 +307,7 @@ impl Bench {
     }
 
     async fn restore(&self, backup: &str, volume: &VolumeId) -> Duration {
+        quiesce();
         let start = Instant::now();
         let r = self
             .agent
@@ -241,8 +337,15 @@ async fn wait(mut r: Running) -> u64 {
     }
 }
 
+/// Writes back every dirty page of the machine (`sync`), so that a measured step does not pay
+/// for the writeback of the steps before it. Called before each one.
+fn quiesce() {
+    let _ = Command::new("sync").status();
+}
+
 /// Runs `a | b` (argv lists) and returns the wall time.
 fn pipe(a: &[&str], b: &[&str]) -> Result<Duration, String> {
+    quiesce();
     let start = Instant::now();
     let mut first = Command::new(a[0])
         .args(&a[1..])
@@ -289,6 +392,7 @@ fn restic(image: &Path, dir: &Path) -> Result<Duration, String> {
     };
     run(&["init"], Stdio::null())?;
     let input = std::fs::File::open(image).map_err(|e| format!("{}: {e}", image.display()))?;
+    quiesce();
     let start = Instant::now();
     let r = run(
         &["backup", "--stdin", "--stdin-filename", "volume.img"],
@@ -306,12 +410,7 @@ async fn run() -> Result<(), String> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(4096);
     let size = mib * MIB;
-    let dir = tempfile::Builder::new()
-        .prefix("cinderblock-bench-backup")
-        .tempdir_in(
-            std::env::var_os("TMPDIR").map_or_else(|| PathBuf::from("/var/tmp"), PathBuf::from),
-        )
-        .map_err(|e| e.to_string())?;
+    let dir = Scratch::new()?;
     std::fs::create_dir_all(dir.path().join("pool")).map_err(|e| e.to_string())?;
     let agent = AgentService::new(&config(dir.path()), Runner::default(), ChapKey::random())
         .map_err(|e| e.to_string())?;
@@ -321,6 +420,10 @@ async fn run() -> Result<(), String> {
         size,
         next: 0,
     };
+    let only = std::env::var("CINDERBLOCK_BENCH_BACKUP_ONLY").ok();
+    if only.as_deref() == Some("zeros") {
+        return zeros_vs_random(&mut b, size).await;
+    }
     let mixed = b
         .volume(|f, size| {
             const STEP: u64 = 64 * MIB;
@@ -360,7 +463,6 @@ async fn run() -> Result<(), String> {
     // CINDERBLOCK_BENCH_BACKUP_ONLY=full stops here, =incremental goes on with the
     // incremental and stops after it: profiles of one backup (`perf record` around the
     // bench).
-    let only = std::env::var("CINDERBLOCK_BENCH_BACKUP_ONLY").ok();
     if only.as_deref() == Some("full") {
         return Ok(());
     }
@@ -468,8 +570,11 @@ async fn others(
         ),
         Err(e) => println!("bench: backup_full vs restic skipped ({e})"),
     }
+    zeros_vs_random(b, size).await
+}
 
-    // All zeros vs all random, one volume at a time (disk).
+/// All zeros vs all random, one volume at a time (disk).
+async fn zeros_vs_random(b: &mut Bench, size: u64) -> Result<(), String> {
     let zeros = b
         .volume(|f, size| {
             let z = vec![0u8; 64 * MIB as usize];

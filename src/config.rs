@@ -487,6 +487,11 @@ pub struct BackupConfig {
     pub zstd_level: i32,
     /// Repository used when a request names none (default: the first one listed).
     pub default_repository: Option<String>,
+    /// Change tracking on pools that can do it (file pools on XFS or btrfs): a volume keeps
+    /// the snapshot its latest backup read, hidden, as a marker, and an incremental backup
+    /// reads only the ranges the pool shows changed since it. Costs the space of the blocks
+    /// rewritten since the latest backup.
+    pub change_tracking: bool,
 }
 
 impl Default for BackupConfig {
@@ -497,6 +502,7 @@ impl Default for BackupConfig {
             compression: BackupCompression::Zstd,
             zstd_level: 3,
             default_repository: None,
+            change_tracking: true,
         }
     }
 }

@@ -176,4 +176,35 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
 
     /// The block device or file holding a snapshot's data.
     fn snapshot_path(&self, id: &SnapshotId) -> PathBuf;
+
+    /// Whether the pool tracks changes: its snapshots cost no copy, and it can tell which
+    /// ranges two snapshots of a volume may differ in ([`Backend::changed_ranges`]). Known
+    /// once [`Backend::open`] has run.
+    fn tracks_changes(&self) -> bool {
+        false
+    }
+
+    /// The byte ranges where snapshot `after` may differ from the older snapshot `before` of
+    /// the same volume (in order, merged), or `None` when the pool cannot tell (then every
+    /// range counts as changed).
+    async fn changed_ranges(
+        &self,
+        _before: &SnapshotId,
+        _after: &SnapshotId,
+    ) -> Result<Option<Vec<(u64, u64)>>, AgentError> {
+        Ok(None)
+    }
+
+    /// Replaces a snapshot's metadata (durably). Needed by pools that track changes: a
+    /// backup's temporary snapshot becomes the volume's change-tracking marker.
+    async fn set_snapshot_metadata(
+        &self,
+        id: &SnapshotId,
+        _metadata: &BTreeMap<String, String>,
+    ) -> Result<SnapshotRecord, AgentError> {
+        Err(AgentError::InvalidArgument(format!(
+            "pool {} keeps no metadata changes on snapshot {id}",
+            self.name()
+        )))
+    }
 }

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -18,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use super::backend::{
     Backend, Capacity, NewSnapshot, NewVolume, PoolStats, SnapshotRecord, Source, VolumeRecord,
 };
-use super::{data, AgentError, SnapshotId, VolumeId};
+use super::{data, tracking, AgentError, SnapshotId, VolumeId};
 use crate::config::{PoolConfig, PoolKindConfig};
 use crate::types::Bytes;
 
@@ -34,6 +35,8 @@ pub struct FilePool {
     name: String,
     dir: PathBuf,
     capacity: Option<u64>,
+    /// Whether the directory's file system makes reflinks (probed once, when first asked).
+    reflinks: OnceLock<bool>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -128,6 +131,7 @@ impl FilePool {
             name: cfg.name.clone(),
             dir,
             capacity: cfg.capacity_bytes,
+            reflinks: OnceLock::new(),
         })
     }
 
@@ -223,6 +227,22 @@ impl FilePool {
         Ok(out)
     }
 
+    /// Whether the pool's directory takes reflinks: clones a small probe file (no, when the
+    /// probe cannot even be written).
+    fn probe_reflinks(&self) -> bool {
+        let (probe, clone) = (
+            self.dir.join(".reflink-probe.tmp"),
+            self.dir.join(".reflink-probe-clone.tmp"),
+        );
+        let ok = std::fs::create_dir_all(&self.dir).is_ok()
+            && std::fs::write(&probe, [1u8; 4096]).is_ok()
+            && reflink_copy::reflink(&probe, &clone).is_ok();
+        let _ = remove_if_exists(&clone);
+        let _ = remove_if_exists(&probe);
+        tracing::info!(pool = %self.name, reflinks = ok, "change tracking for incremental backups {}", if ok { "possible: snapshots are reflinks" } else { "off: the file system makes no reflinks" });
+        ok
+    }
+
     /// Makes `dst` a copy of `src` sized `size`: a reflink where the filesystem can, else a
     /// sparse-aware copy. Written under a temporary name and renamed into place.
     fn clone_file(src: &Path, dst: &Path, size: u64) -> Result<(), AgentError> {
@@ -291,6 +311,7 @@ impl Backend for FilePool {
                 remove_if_exists(&entry.path())?;
             }
         }
+        self.tracks_changes();
         Ok(())
     }
 
@@ -516,6 +537,55 @@ impl Backend for FilePool {
     fn snapshot_path(&self, id: &SnapshotId) -> PathBuf {
         self.snap_img(id)
     }
+
+    fn tracks_changes(&self) -> bool {
+        *self.reflinks.get_or_init(|| self.probe_reflinks())
+    }
+
+    async fn changed_ranges(
+        &self,
+        before: &SnapshotId,
+        after: &SnapshotId,
+    ) -> Result<Option<Vec<(u64, u64)>>, AgentError> {
+        if !self.tracks_changes() {
+            return Ok(None);
+        }
+        let (a, b) = (self.snap_img(before), self.snap_img(after));
+        blocking(move || {
+            let size = data::device_size(&b)?;
+            if data::device_size(&a)? != size {
+                return Ok(None);
+            }
+            let (ea, eb) = (tracking::extents(&a)?, tracking::extents(&b)?);
+            Ok(Some(tracking::changed(&ea, &eb, size)))
+        })
+        .await
+    }
+
+    async fn set_snapshot_metadata(
+        &self,
+        id: &SnapshotId,
+        metadata: &BTreeMap<String, String>,
+    ) -> Result<SnapshotRecord, AgentError> {
+        let p = self.snap_meta(id);
+        let mut m: SnapshotMeta = match std::fs::read(&p) {
+            Ok(b) => serde_json::from_slice(&b).map_err(|e| AgentError::Parse {
+                tool: "file pool metadata",
+                reason: format!("{}: {e}", p.display()),
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(AgentError::SnapshotNotFound(id.clone()))
+            }
+            Err(e) => return Err(AgentError::io("read", &p)(e)),
+        };
+        m.metadata = metadata.clone();
+        let bytes = serde_json::to_vec_pretty(&m).map_err(|e| AgentError::Parse {
+            tool: "file pool metadata",
+            reason: e.to_string(),
+        })?;
+        write_atomic(&p, &bytes)?;
+        self.snapshot_record(m)
+    }
 }
 
 #[cfg(test)]
@@ -527,6 +597,7 @@ mod tests {
             name: "f1".into(),
             dir: dir.to_owned(),
             capacity: Some(Bytes::gib(1).0),
+            reflinks: OnceLock::new(),
         }
     }
 

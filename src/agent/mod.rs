@@ -16,6 +16,7 @@ pub mod ids;
 pub mod lvm;
 pub mod service;
 pub mod tags;
+pub mod tracking;
 
 use std::path::PathBuf;
 

@@ -16,7 +16,7 @@ mod backups;
 
 pub use backups::{
     error_chain, BackupStatus, BackupView, CreateBackup, Outcome, Running, Transfers, VolumeState,
-    STATUS_KEY, STATUS_REASON_KEY, TEMP_SNAPSHOT_KEY,
+    MARKER_KEY, STATUS_KEY, STATUS_REASON_KEY, TEMP_SNAPSHOT_KEY,
 };
 
 use super::backend::{
@@ -379,11 +379,12 @@ impl AgentService {
         self.guards.try_lock(key)
     }
 
+    /// Snapshots of a volume, change-tracking markers not counted (they go with it).
     fn snapshot_count(&self, id: &VolumeId) -> usize {
         read(&self.index)
             .snapshots
             .values()
-            .filter(|s| &s.source_volume == id)
+            .filter(|s| &s.source_volume == id && !s.metadata.contains_key(MARKER_KEY))
             .count()
     }
 
@@ -504,6 +505,9 @@ impl AgentService {
                 initiators: vol.exported_to,
             });
         }
+        for m in self.markers_of(id) {
+            self.delete_snapshot(&m.id).await?;
+        }
         match self.pool(&vol.pool)?.backend.delete(id).await {
             Ok(()) | Err(AgentError::VolumeNotFound(_)) => {}
             Err(e) => return Err(e),
@@ -616,16 +620,26 @@ impl AgentService {
         }
         let _vg = self.lock(source.as_str())?;
         let vol = self.volume(source)?;
+        self.snapshot_held(id, &vol, metadata).await
+    }
+
+    /// Snapshots `vol`, whose guard the caller holds, as `id` (whose guard it holds too).
+    async fn snapshot_held(
+        &self,
+        id: SnapshotId,
+        vol: &VolumeRecord,
+        metadata: BTreeMap<String, String>,
+    ) -> Result<SnapshotRecord, AgentError> {
         let new = NewSnapshot {
             id,
-            source_volume: source.clone(),
+            source_volume: vol.id.clone(),
             metadata,
         };
         let rec = self.pool(&vol.pool)?.backend.snapshot(&new).await?;
         write(&self.index)
             .snapshots
             .insert(rec.id.clone(), rec.clone());
-        tracing::info!(snapshot = %rec.id, volume = %source, "snapshot created");
+        tracing::info!(snapshot = %rec.id, volume = %vol.id, "snapshot created");
         Ok(rec)
     }
 
@@ -653,12 +667,14 @@ impl AgentService {
             .ok_or_else(|| AgentError::SnapshotNotFound(id.clone()))
     }
 
-    /// Snapshots, optionally of one volume, ordered by id.
+    /// Snapshots, optionally of one volume, ordered by id (change-tracking markers are not
+    /// listed).
     pub fn list_snapshots(&self, source: Option<&VolumeId>) -> Vec<SnapshotRecord> {
         let mut v: Vec<_> = read(&self.index)
             .snapshots
             .values()
             .filter(|s| source.is_none_or(|id| &s.source_volume == id))
+            .filter(|s| !s.metadata.contains_key(MARKER_KEY))
             .cloned()
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));

@@ -155,11 +155,13 @@ impl Collector for AgentMetrics {
             name,
             Kind::Counter,
             "Bytes moved by successful backups and restores: volume bytes a backup read \
-             (backup_read), bytes it wrote to its repository (backup_stored), volume bytes a \
-             restore wrote (restore_written).",
+             (backup_read), volume bytes it took from its parent unread because change \
+             tracking showed them unchanged (backup_unread), bytes it wrote to its repository \
+             (backup_stored), volume bytes a restore wrote (restore_written).",
         );
         for (kind, c) in [
             ("backup_read", &tr.backup_read_bytes),
+            ("backup_unread", &tr.backup_unread_bytes),
             ("backup_stored", &tr.backup_stored_bytes),
             ("restore_written", &tr.restore_written_bytes),
         ] {

@@ -85,6 +85,7 @@ pub struct Progress {
     done: AtomicU64,
     total: AtomicU64,
     stored: AtomicU64,
+    unread: AtomicU64,
 }
 
 impl Progress {
@@ -110,6 +111,11 @@ impl Progress {
     pub fn stored(&self) -> u64 {
         self.stored.load(Ordering::Relaxed)
     }
+
+    /// Bytes of the volume taken from the parent without reading them (change tracking).
+    pub fn unread(&self) -> u64 {
+        self.unread.load(Ordering::Relaxed)
+    }
 }
 
 /// The volume (or snapshot) to back up.
@@ -125,6 +131,10 @@ pub struct Source {
     pub volume_type: String,
     /// Caller-owned metadata.
     pub volume_metadata: std::collections::BTreeMap<String, String>,
+    /// Byte ranges the pool's change tracking shows unchanged since the parent backup (in
+    /// order, not overlapping; empty without tracking). Chunks inside them are taken from the
+    /// parent without being read.
+    pub unchanged: Vec<(u64, u64)>,
 }
 
 /// The backup an incremental one builds on: its metadata and block digests.
@@ -178,6 +188,8 @@ pub fn now_secs() -> u64 {
 enum Raw {
     /// Unallocated or all zeros.
     Hole { offset: u64, len: u64 },
+    /// Unchanged since the parent by the pool's change tracking: not read.
+    Same { offset: u64, len: u64 },
     /// Data, with what the reader found while the bytes were in its cache: which blocks are
     /// zeros, and every block's BLAKE3.
     Data {
@@ -288,18 +300,20 @@ fn compressible(data: &[u8]) -> bool {
 /// cores.
 const READERS: u64 = 2;
 
-/// Reads chunks `first`, `first + READERS`, … of `path`'s chunk grid into `tx`; stops early
-/// when `stop` is set or the receiver is gone.
+/// Reads chunks `first`, `first + READERS`, … of `path`'s chunk grid into `tx`, except those
+/// whose index is in a range of `same` (in order), handed over unread; stops early when
+/// `stop` is set or the receiver is gone.
 fn read_grid(
     path: &Path,
     (size, chunk, first): (u64, u64, u64),
+    same: &[(u64, u64)],
     stop: &AtomicBool,
     tx: &mpsc::Sender<Result<Raw, BackupError>>,
     buffers: &Buffers,
 ) -> Result<(), BackupError> {
     let file = File::open(path).map_err(BackupError::io("open", path))?;
     let ranges = data_ranges(&file, size);
-    let mut r = 0usize;
+    let (mut r, mut q) = (0usize, 0usize);
     let mut index = first;
     let mut offset = first * chunk;
     while offset < size {
@@ -312,7 +326,13 @@ fn read_grid(
             r += 1;
         }
         let has_data = ranges.get(r).is_some_and(|(s, _)| *s < end);
-        let raw = if has_data {
+        while q < same.len() && same[q].1 <= index {
+            q += 1;
+        }
+        let unchanged = same.get(q).is_some_and(|(s, _)| *s <= index);
+        let raw = if unchanged {
+            Raw::Same { offset, len }
+        } else if has_data {
             let mut bytes = buffers.take(len as usize);
             let (zero, fast) = read_chunk(&file, path, offset, &mut bytes)?;
             if zero.iter().all(|z| *z) {
@@ -337,6 +357,23 @@ fn read_grid(
         offset += READERS * chunk;
     }
     Ok(())
+}
+
+/// The index ranges `[a, b)` of the `chunk`-sized chunks of a `size`-byte volume lying wholly
+/// inside `ranges` (byte ranges, in order).
+fn whole_chunks(ranges: &[(u64, u64)], chunk: u64, size: u64) -> Vec<(u64, u64)> {
+    ranges
+        .iter()
+        .map(|&(s, t)| {
+            let last = if t >= size {
+                size.div_ceil(chunk)
+            } else {
+                t / chunk
+            };
+            (s.div_ceil(chunk), last)
+        })
+        .filter(|(a, b)| a < b)
+        .collect()
 }
 
 /// Runs `f` on a blocking thread.
@@ -542,13 +579,23 @@ pub async fn backup(
     progress.total.store(size, Ordering::Relaxed);
     let stop = Arc::new(AtomicBool::new(false));
     let buffers = Arc::new(Buffers::new(settings.max_in_flight.max(1) + 4));
+    // Chunks left unread: only against a parent of the same size with BLAKE3 digests, which
+    // then covers every chunk with its entries and both digests.
+    let same = Arc::new(match &parent {
+        Some(p) if p.fast.is_some() && p.meta.volume_size == size => {
+            whole_chunks(&source.unchanged, chunk, size)
+        }
+        _ => Vec::new(),
+    });
     let mut readers = Vec::new();
     let mut queues = Vec::new();
     for first in 0..READERS {
         let (tx, rx) = mpsc::channel(1);
         let (path, stop, buffers) = (source.path.clone(), stop.clone(), buffers.clone());
+        let same = same.clone();
         readers.push(tokio::task::spawn_blocking(move || {
-            if let Err(e) = read_grid(&path, (size, chunk, first), &stop, &tx, &buffers) {
+            let grid = (size, chunk, first);
+            if let Err(e) = read_grid(&path, grid, &same, &stop, &tx, &buffers) {
                 let _ = tx.blocking_send(Err(e));
             }
         }));
@@ -575,6 +622,27 @@ pub async fn backup(
             }
             let mut done = match raw? {
                 Raw::Hole { offset, len } => hole(offset, len, None),
+                Raw::Same { offset, len } => {
+                    let Some(Before {
+                        entries,
+                        digests,
+                        fast: Some(fast),
+                    }) = parent.as_ref().and_then(|p| p.before(offset, len))
+                    else {
+                        return Err(BackupError::Worker(format!(
+                            "chunk at {offset} was left unread, but the parent does not cover it"
+                        )));
+                    };
+                    progress.unread.fetch_add(len, Ordering::Relaxed);
+                    Done {
+                        entries,
+                        digests,
+                        fast,
+                        object: None,
+                        stored: 0,
+                        spare: None,
+                    }
+                }
                 Raw::Data {
                     index,
                     offset,
@@ -1044,6 +1112,7 @@ mod tests {
             volume_id: "v1".into(),
             volume_type: "default".into(),
             volume_metadata: Default::default(),
+            unchanged: Vec::new(),
         }
     }
 

@@ -1,6 +1,6 @@
 #!/bin/bash
 # Install what the tests need on the host. Idempotent; a second run costs about a second.
-#   host-deps.sh test   what `make test` needs: tgt, libiscsi-bin, qemu-io/qemu-img with the
+#   host-deps.sh test   what `make test` needs: tgt, libiscsi-bin, xfsprogs, qemu-io/qemu-img with the
 #                       iSCSI block driver (tests/host_tgt.rs)
 #   host-deps.sh vm     what `make e2e` needs: debootstrap, firmware, qemu-system-x86_64
 #   host-deps.sh        both
@@ -16,7 +16,7 @@ source "$(dirname "$0")/lib.sh"
 MODE=${1:-all}
 case $MODE in test | vm | all) ;; *) die "usage: host-deps.sh [test|vm|all]" ;; esac
 
-test_pkgs=(tgt libiscsi-bin libiscsi7 python3)
+test_pkgs=(tgt libiscsi-bin libiscsi7 python3 xfsprogs)
 vm_pkgs=(debootstrap e2fsprogs seabios ipxe-qemu qemu-system-data python3 zstd)
 qemu_debs=(qemu-system-x86 qemu-system-common qemu-block-extra qemu-utils)
 want=()

@@ -19,9 +19,10 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use super::{lock, write, AgentService};
-use crate::agent::backend::VolumeRecord;
+use super::{lock, read, write, AgentService};
+use crate::agent::backend::{SnapshotRecord, VolumeRecord};
 use crate::agent::guard::Guard;
+use crate::agent::tracking;
 use crate::agent::{AgentError, BackupId, SnapshotId, VolumeId};
 use crate::backup::engine::{self, Parent, Progress, Settings, Source, Target};
 use crate::backup::format::{
@@ -39,6 +40,10 @@ pub const STATUS_KEY: &str = "cinderblock.status";
 pub const STATUS_REASON_KEY: &str = "cinderblock.status-reason";
 /// Snapshot metadata key naming the backup a temporary snapshot was taken for.
 pub const TEMP_SNAPSHOT_KEY: &str = "cinderblock.backup";
+/// Snapshot metadata key of a change-tracking marker: the complete backup whose data the
+/// snapshot holds. A marker is hidden from snapshot lists and counts, and goes with its
+/// volume, with its backup, or when a newer backup of the volume leaves its own.
+pub const MARKER_KEY: &str = "cinderblock.backup-marker";
 /// Volume metadata keys a restore does not copy from the backup: the controller's own
 /// record of the target (`csi.*`) and the agent's status keys.
 const NOT_RESTORED_PREFIXES: [&str; 2] = ["csi.", "cinderblock."];
@@ -206,6 +211,8 @@ pub(super) struct Backups {
     repos: BTreeMap<String, Arc<dyn Repository>>,
     default_repo: Option<String>,
     settings: Settings,
+    // Keep change-tracking markers where the pool can (`[backup] change_tracking`).
+    change_tracking: bool,
     // Running and failed backups not in a repository (yet), by id. Locked for a few map
     // operations, never across `.await`.
     jobs: Mutex<HashMap<BackupId, Job>>,
@@ -226,8 +233,11 @@ const TRANSFER_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 1
 pub struct Transfers {
     /// Duration by `op` (backup, restore) and `result` (ok, failed).
     pub seconds: HistogramVec,
-    /// Bytes of volumes read by finished backups (holes included: the volume's size).
+    /// Bytes of volumes read by finished backups (holes included), all but what change
+    /// tracking showed unchanged.
     pub backup_read_bytes: Counter,
+    /// Bytes of volumes finished backups took from their parent unread (change tracking).
+    pub backup_unread_bytes: Counter,
     /// Bytes those backups wrote to their repository (new chunks, compressed).
     pub backup_stored_bytes: Counter,
     /// Bytes of volumes written by finished restores.
@@ -243,6 +253,7 @@ impl Default for Transfers {
         Transfers {
             seconds: HistogramVec::new(&["op", "result"], TRANSFER_BUCKETS, 4),
             backup_read_bytes: Counter::default(),
+            backup_unread_bytes: Counter::default(),
             backup_stored_bytes: Counter::default(),
             restore_written_bytes: Counter::default(),
             last_backup_rate: Gauge::default(),
@@ -301,6 +312,7 @@ impl Backups {
             repos,
             default_repo,
             settings: Settings::from_config(&cfg.backup),
+            change_tracking: cfg.backup.change_tracking,
             jobs: Mutex::new(HashMap::new()),
             activity: Mutex::new(HashMap::new()),
             pins: Arc::new(Mutex::new(HashMap::new())),
@@ -468,6 +480,88 @@ impl AgentService {
         }
     }
 
+    /// The change-tracking markers of a volume (normally one).
+    pub(super) fn markers_of(&self, volume: &VolumeId) -> Vec<SnapshotRecord> {
+        read(&self.index)
+            .snapshots
+            .values()
+            .filter(|s| &s.source_volume == volume && s.metadata.contains_key(MARKER_KEY))
+            .cloned()
+            .collect()
+    }
+
+    /// The byte ranges of `volume` (`size` bytes) that its pool's change tracking shows
+    /// unchanged between the marker of backup `parent` and snapshot `now`. Empty (read
+    /// everything) when the volume has no marker of that backup or the pool cannot tell.
+    async fn unchanged_since(
+        &self,
+        volume: &VolumeId,
+        parent: &str,
+        now: &SnapshotId,
+        size: u64,
+    ) -> Vec<(u64, u64)> {
+        let marker = self
+            .markers_of(volume)
+            .into_iter()
+            .find(|m| m.metadata.get(MARKER_KEY).map(String::as_str) == Some(parent));
+        let Some(marker) = marker else {
+            tracing::info!(volume = %volume, parent, "no change-tracking marker of the parent backup: every chunk is read");
+            return Vec::new();
+        };
+        let changed = match self.pool(&marker.pool) {
+            Ok(p) => p.backend.changed_ranges(&marker.id, now).await,
+            Err(e) => Err(e),
+        };
+        match changed {
+            Ok(Some(changed)) => {
+                let moved: u64 = changed.iter().map(|(s, t)| t - s).sum();
+                tracing::info!(volume = %volume, parent, changed_bytes = moved, ranges = changed.len(), "change tracking: only changed ranges are read");
+                tracking::complement(&changed, size)
+            }
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                tracing::warn!(volume = %volume, marker = %marker.id, error = %e, "change tracking failed: every chunk is read");
+                Vec::new()
+            }
+        }
+    }
+
+    /// Turns the temporary snapshot of backup `id`, just completed, into the volume's marker
+    /// and deletes the volume's older markers. False (the snapshot is then deleted as any
+    /// temporary one) when it cannot be marked.
+    async fn make_marker(&self, volume: &VolumeId, snap: &SnapshotId, id: &BackupId) -> bool {
+        let md = BTreeMap::from([(MARKER_KEY.to_owned(), id.to_string())]);
+        let marked = match self.get_snapshot(snap) {
+            Ok(s) => match self.pool(&s.pool) {
+                Ok(p) => p.backend.set_snapshot_metadata(snap, &md).await,
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        let rec = match marked {
+            Ok(rec) => rec,
+            Err(e) => {
+                tracing::warn!(backup = %id, snapshot = %snap, error = %e, "cannot keep the temporary snapshot as a change-tracking marker");
+                return false;
+            }
+        };
+        write(&self.index).snapshots.insert(rec.id.clone(), rec);
+        for old in self.markers_of(volume) {
+            if &old.id != snap {
+                self.delete_marker(&old).await;
+            }
+        }
+        true
+    }
+
+    /// Deletes a change-tracking marker; a failure is logged (the next backup of the volume,
+    /// or its deletion, tries again).
+    pub(super) async fn delete_marker(&self, m: &SnapshotRecord) {
+        if let Err(e) = self.delete_snapshot(&m.id).await {
+            tracing::warn!(snapshot = %m.id, error = %e, "cannot delete a change-tracking marker");
+        }
+    }
+
     /// Names of the configured repositories, and the default one.
     pub fn backup_repositories(&self) -> (Vec<(String, String)>, Option<String>) {
         (
@@ -547,21 +641,39 @@ impl AgentService {
         let pin = self.backups.pin(&parent_ids, false);
 
         // What to read: the volume itself under its guard, or a temporary snapshot of it.
+        // Where the pool tracks changes, the snapshot is taken in both cases (it costs no
+        // copy there) and outlives a successful backup as the volume's marker. An available
+        // volume is still read itself: its pages may be in the cache, the new snapshot's
+        // are not, and nothing writes it while its guard is held.
+        let backend = self.pool(&vol.pool)?.backend.clone();
+        let tracking = self.backups.change_tracking && backend.tracks_changes();
+        let snap = temp_snapshot_id(&id)?;
+        // A leftover of an interrupted attempt holds older data: never reuse it.
+        if self.get_snapshot(&snap).is_ok() {
+            self.delete_snapshot(&snap).await?;
+        }
+        let md = BTreeMap::from([(TEMP_SNAPSHOT_KEY.to_owned(), id.to_string())]);
         let (source_path, size, vol_guard, temp) = if exported {
-            let snap = temp_snapshot_id(&id)?;
-            // A leftover of an interrupted attempt holds older data: never reuse it.
-            if self.get_snapshot(&snap).is_ok() {
-                self.delete_snapshot(&snap).await?;
-            }
-            let md = BTreeMap::from([(TEMP_SNAPSHOT_KEY.to_owned(), id.to_string())]);
             let s = self.create_snapshot(snap.clone(), &vol.id, md).await?;
             let (path, _) = self.data_path(&super::DataSource::Snapshot(snap.clone()))?;
             (path, s.size, None, Some(snap))
         } else {
             let g = self.lock(vol.id.as_str())?;
             let vol = self.volume(&vol.id)?;
-            let path = self.pool(&vol.pool)?.backend.volume_path(&vol.id);
-            (path, vol.size, Some(g), None)
+            let temp = if tracking {
+                self.snapshot_held(snap.clone(), &vol, md).await?;
+                Some(snap)
+            } else {
+                None
+            };
+            (backend.volume_path(&vol.id), vol.size, Some(g), temp)
+        };
+        let unchanged = match (&parent, &temp) {
+            (Some(p), Some(now)) if tracking => {
+                self.unchanged_since(&vol.id, &p.meta.backup_id, now, size.0)
+                    .await
+            }
+            _ => Vec::new(),
         };
         let source = Source {
             path: source_path,
@@ -569,6 +681,7 @@ impl AgentService {
             volume_id: vol.id.to_string(),
             volume_type: vol.volume_type.clone(),
             volume_metadata: vol.metadata.clone(),
+            unchanged,
         };
         lock(&self.backups.activity).insert(vol.id.clone(), Activity::BackingUp(id.clone()));
         let progress = Arc::new(Progress::new(size.0));
@@ -602,6 +715,7 @@ impl AgentService {
                 progress,
                 volume: vol.id,
                 temp,
+                keep_marker: tracking,
                 _guards: (guard, vol_guard),
                 tx,
             })
@@ -627,8 +741,14 @@ impl AgentService {
         )
         .await;
         if let Some(snap) = &t.temp {
-            if let Err(e) = self.delete_snapshot(snap).await {
-                tracing::error!(backup = %t.id, snapshot = %snap, error = %e, "cannot delete the temporary snapshot");
+            let marked = match &result {
+                Ok(_) if t.keep_marker => self.make_marker(&t.volume, snap, &t.id).await,
+                _ => false,
+            };
+            if !marked {
+                if let Err(e) = self.delete_snapshot(snap).await {
+                    tracing::error!(backup = %t.id, snapshot = %snap, error = %e, "cannot delete the temporary snapshot");
+                }
             }
         }
         lock(&self.backups.activity).remove(&t.volume);
@@ -636,9 +756,11 @@ impl AgentService {
         tr.finished(Transfer::Backup, result.is_ok(), started, t.progress.done());
         let outcome = match result {
             Ok(meta) => {
-                tr.backup_read_bytes.add(meta.volume_size);
+                tr.backup_read_bytes
+                    .add(meta.volume_size.saturating_sub(t.progress.unread()));
+                tr.backup_unread_bytes.add(t.progress.unread());
                 tr.backup_stored_bytes.add(meta.stats.stored_bytes);
-                tracing::info!(backup = %t.id, stored_chunks = meta.stats.stored_chunks, reused_chunks = meta.stats.reused_chunks, stored_bytes = meta.stats.stored_bytes, "backup complete");
+                tracing::info!(backup = %t.id, stored_chunks = meta.stats.stored_chunks, reused_chunks = meta.stats.reused_chunks, stored_bytes = meta.stats.stored_bytes, unread_bytes = t.progress.unread(), "backup complete");
                 lock(&self.backups.jobs).remove(&t.id);
                 let mut v = BackupView::of(&meta, t.repo.name(), t.id.clone());
                 v.status = BackupStatus::Available;
@@ -911,6 +1033,15 @@ impl AgentService {
         }
         self.remove_container(repo.as_ref(), id).await?;
         lock(&self.backups.jobs).remove(id);
+        let markers: Vec<SnapshotRecord> = read(&self.index)
+            .snapshots
+            .values()
+            .filter(|s| s.metadata.get(MARKER_KEY).map(String::as_str) == Some(id.as_str()))
+            .cloned()
+            .collect();
+        for m in &markers {
+            self.delete_marker(m).await;
+        }
         tracing::info!(backup = %id, repository = repo.name(), "backup deleted");
         Ok(())
     }
@@ -1145,6 +1276,9 @@ struct BackupTask {
     progress: Arc<Progress>,
     volume: VolumeId,
     temp: Option<SnapshotId>,
+    /// The temporary snapshot becomes the volume's change-tracking marker if the backup
+    /// succeeds.
+    keep_marker: bool,
     /// The backup's guard and, without a temporary snapshot, the volume's.
     _guards: (Guard, Option<Guard>),
     tx: watch::Sender<Outcome>,
