@@ -1250,6 +1250,99 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn chunks_change_tracking_shows_unchanged_are_not_read_and_the_backup_is_the_same() {
+        let dir = tempfile::tempdir().unwrap();
+        let (vol, size) = volume(dir.path());
+        let repo = repo(dir.path());
+        let full = back_up(&repo, "b1", (&vol, size), None).await;
+        // One block of the text chunk (chunk 12) changes; the pool reports [3 MiB, 3 MiB +
+        // 64 KiB) changed, so chunk 12 is read and the 31 others are not.
+        write_into(&vol, 3 * MIB + 100, b"CHANGED");
+        let parent = load_parent(repo.as_ref(), full).await.unwrap();
+        let by_digest = back_up(&repo, "b2", (&vol, size), Some(parent.clone())).await;
+        let mut src = source(&vol, size);
+        src.unchanged = vec![(0, 3 * MIB), (3 * MIB + 64 * 1024, size)];
+        let progress = Progress::default();
+        let tracked = backup(
+            repo.clone(),
+            &bid("b3"),
+            &src,
+            Some(Arc::new(parent.clone())),
+            &settings(),
+            &progress,
+        )
+        .await
+        .unwrap();
+        assert_eq!(progress.unread(), size - 256 * 1024);
+        assert_eq!(progress.done(), size);
+        // The same backup as one that read everything: table (bar the object owner of the
+        // new chunk), digests and stats.
+        assert_eq!(tracked.stats, by_digest.stats);
+        assert_eq!(tracked.sha256file.sha256, by_digest.sha256file.sha256);
+        assert_eq!(tracked.blake3file, by_digest.blake3file);
+        let renamed: Vec<ChunkEntry> = by_digest
+            .chunks
+            .iter()
+            .map(|e| match e {
+                ChunkEntry::Data { backup, .. } if backup == "b2" => {
+                    let mut e = e.clone();
+                    if let ChunkEntry::Data { backup, .. } = &mut e {
+                        *backup = "b3".into();
+                    }
+                    e
+                }
+                _ => e.clone(),
+            })
+            .collect();
+        assert_eq!(tracked.chunks, renamed);
+        let t = blank(dir.path(), "restored", size);
+        restore(
+            repo.clone(),
+            &tracked,
+            &t,
+            &settings(),
+            &Progress::default(),
+        )
+        .await
+        .unwrap();
+        assert!(std::fs::read(&t.path).unwrap() == std::fs::read(&vol).unwrap());
+
+        // Against a parent of another size, or one without BLAKE3 digests, everything is read.
+        for (id, p) in [
+            (
+                "b4",
+                Parent {
+                    fast: None,
+                    ..parent.clone()
+                },
+            ),
+            (
+                "b5",
+                Parent {
+                    meta: Metadata {
+                        volume_size: size - MIB,
+                        ..parent.meta.clone()
+                    },
+                    ..parent.clone()
+                },
+            ),
+        ] {
+            let progress = Progress::default();
+            backup(
+                repo.clone(),
+                &bid(id),
+                &src,
+                Some(Arc::new(p)),
+                &settings(),
+                &progress,
+            )
+            .await
+            .unwrap();
+            assert_eq!(progress.unread(), 0, "{id}");
+        }
+    }
+
+    #[tokio::test]
     async fn incrementals_store_only_changed_blocks_and_every_backup_of_the_chain_restores() {
         use rand::RngCore;
         let dir = tempfile::tempdir().unwrap();
