@@ -17,7 +17,8 @@
 //! three volumes of disk under `TMPDIR` (default /var/tmp). To profile one backup,
 //! `CINDERBLOCK_BENCH_BACKUP_ONLY=full` stops after the full backup's first line, and
 //! `=incremental` runs only the full and the incremental, `=zeros` only the all-zero and
-//! the random volumes. The goals are the issue's. stderr
+//! the random volumes; `CINDERBLOCK_BENCH_BACKUP_IN_FLIGHT` overrides `[backup]
+//! max_in_flight`. The goals are the issue's. stderr
 //! gets a note per backup (wall time, CPU time, share of the cores busy); stdout gets one
 //! line per figure in the project's bench format:
 //!
@@ -75,6 +76,12 @@ fn config(dir: &Path) -> AgentConfig {
         secret_access_key: None,
         allow_http: false,
     }];
+    if let Some(n) = std::env::var("CINDERBLOCK_BENCH_BACKUP_IN_FLIGHT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        cfg.backup.max_in_flight = n;
+    }
     cfg
 }
 

@@ -101,6 +101,13 @@ pub struct NewVolume {
     pub source: Option<Source>,
 }
 
+/// Snapshot metadata key of a change-tracking marker: the complete backup whose data the
+/// snapshot holds (ADR 0009). A marker is hidden from snapshot lists and counts, is not
+/// counted as provisioned or allocated by the pool (its blocks are the volume's, bar those
+/// rewritten since), and goes with its volume, with its backup, or when a newer backup of the
+/// volume leaves its own.
+pub const MARKER_KEY: &str = "cinderblock.backup-marker";
+
 /// What to snapshot.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewSnapshot {

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::backend::{
     Backend, Capacity, NewSnapshot, NewVolume, PoolStats, SnapshotRecord, Source, VolumeRecord,
+    MARKER_KEY,
 };
 use super::{data, tracking, AgentError, SnapshotId, VolumeId};
 use crate::config::{PoolConfig, PoolKindConfig};
@@ -317,7 +318,8 @@ impl Backend for FilePool {
 
     async fn stats(&self) -> Result<PoolStats, AgentError> {
         let vols = self.volumes().await?;
-        let snaps = self.snapshots().await?;
+        let mut snaps = self.snapshots().await?;
+        snaps.retain(|s| !s.metadata.contains_key(MARKER_KEY));
         let provisioned: u64 = vols
             .iter()
             .map(|v| v.size.0)
@@ -674,6 +676,46 @@ mod tests {
             p.delete(&c.id).await,
             Err(AgentError::VolumeNotFound(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn a_marker_keeps_its_new_metadata_and_is_not_counted_in_the_stats() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = pool(dir.path());
+        p.open().await.unwrap();
+        let v = p.create(&new_vol("v1", 8, None)).await.unwrap();
+        std::fs::write(p.volume_path(&v.id), b"hello").unwrap();
+        let id = SnapshotId::parse("backup-b1").unwrap();
+        let temp = BTreeMap::from([("cinderblock.backup".to_owned(), "b1".to_owned())]);
+        p.snapshot(&NewSnapshot {
+            id: id.clone(),
+            source_volume: v.id.clone(),
+            metadata: temp,
+        })
+        .await
+        .unwrap();
+        assert_eq!(p.stats().await.unwrap().snapshot_count, 1);
+        let marker = BTreeMap::from([(MARKER_KEY.to_owned(), "b1".to_owned())]);
+        let rec = p.set_snapshot_metadata(&id, &marker).await.unwrap();
+        assert_eq!(rec.metadata, marker);
+        // Durable: a fresh FilePool over the directory reads it back.
+        let again = pool(dir.path());
+        assert_eq!(again.snapshots().await.unwrap()[0].metadata, marker);
+        let st = again.stats().await.unwrap();
+        assert_eq!(
+            (st.snapshot_count, st.provisioned),
+            (0, Bytes::mib(8)),
+            "{st:?}"
+        );
+        assert!(matches!(
+            p.set_snapshot_metadata(&SnapshotId::parse("nope").unwrap(), &marker)
+                .await,
+            Err(AgentError::SnapshotNotFound(_))
+        ));
+        // ext4 and tmpfs make no reflinks: no change tracking there, and nothing to compare.
+        if !p.tracks_changes() {
+            assert_eq!(p.changed_ranges(&id, &id).await.unwrap(), None);
+        }
     }
 
     #[tokio::test]

@@ -16,11 +16,11 @@ mod backups;
 
 pub use backups::{
     error_chain, BackupStatus, BackupView, CreateBackup, Outcome, Running, Transfers, VolumeState,
-    MARKER_KEY, STATUS_KEY, STATUS_REASON_KEY, TEMP_SNAPSHOT_KEY,
+    STATUS_KEY, STATUS_REASON_KEY, TEMP_SNAPSHOT_KEY,
 };
 
 use super::backend::{
-    Backend, NewSnapshot, NewVolume, PoolStats, SnapshotRecord, Source, VolumeRecord,
+    Backend, NewSnapshot, NewVolume, PoolStats, SnapshotRecord, Source, VolumeRecord, MARKER_KEY,
 };
 use super::chap::{ChapCredentials, ChapKey};
 use super::export::{DesiredExport, Exports, TgtdInstance};

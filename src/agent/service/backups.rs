@@ -20,7 +20,7 @@ use std::time::Instant;
 use tokio::sync::watch;
 
 use super::{lock, read, write, AgentService};
-use crate::agent::backend::{SnapshotRecord, VolumeRecord};
+use crate::agent::backend::{SnapshotRecord, VolumeRecord, MARKER_KEY};
 use crate::agent::guard::Guard;
 use crate::agent::tracking;
 use crate::agent::{AgentError, BackupId, SnapshotId, VolumeId};
@@ -40,10 +40,6 @@ pub const STATUS_KEY: &str = "cinderblock.status";
 pub const STATUS_REASON_KEY: &str = "cinderblock.status-reason";
 /// Snapshot metadata key naming the backup a temporary snapshot was taken for.
 pub const TEMP_SNAPSHOT_KEY: &str = "cinderblock.backup";
-/// Snapshot metadata key of a change-tracking marker: the complete backup whose data the
-/// snapshot holds. A marker is hidden from snapshot lists and counts, and goes with its
-/// volume, with its backup, or when a newer backup of the volume leaves its own.
-pub const MARKER_KEY: &str = "cinderblock.backup-marker";
 /// Volume metadata keys a restore does not copy from the backup: the controller's own
 /// record of the target (`csi.*`) and the agent's status keys.
 const NOT_RESTORED_PREFIXES: [&str; 2] = ["csi.", "cinderblock."];
@@ -790,18 +786,32 @@ impl AgentService {
         repo: &dyn Repository,
         volume: &VolumeId,
     ) -> Result<Parent, AgentError> {
-        let mut best: Option<Metadata> = None;
-        for (_, m) in self.metadata_of(repo).await? {
-            if let Ok(m) = m {
-                if m.volume_id == volume.as_str()
-                    && best.as_ref().is_none_or(|b| {
-                        (m.completed_at, m.created_at) > (b.completed_at, b.created_at)
-                    })
-                {
-                    best = Some(m);
+        let mine: HashMap<String, Metadata> = self
+            .metadata_of(repo)
+            .await?
+            .into_iter()
+            .filter_map(|(_, m)| m.ok())
+            .filter(|m| m.volume_id == volume.as_str())
+            .map(|m| (m.backup_id.clone(), m))
+            .collect();
+        // Times are whole seconds: backups made within one second tie, and then the one
+        // further down its chain of parents is the later.
+        let depth = |m: &Metadata| {
+            let mut n = 0usize;
+            let mut at = m;
+            while let Some(p) = at.parent_id.as_ref().and_then(|p| mine.get(p)) {
+                n += 1;
+                at = p;
+                if n > mine.len() {
+                    break;
                 }
             }
-        }
+            n
+        };
+        let best = mine
+            .values()
+            .max_by_key(|m| (m.completed_at, m.created_at, depth(m), m.backup_id.clone()))
+            .cloned();
         let meta = best.ok_or_else(|| BackupError::NoParent {
             volume: volume.to_string(),
             repository: repo.name().to_owned(),
