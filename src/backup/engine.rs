@@ -15,7 +15,9 @@
 //! `2 × chunk_size × (max_in_flight + 4)` bytes (and a POSIX repository one staging buffer
 //! per write in flight). Results are taken in chunk order to build
 //! the chunk table, the `sha256file` and the `blake3file`, written at the end, the metadata
-//! last.
+//! last. Chunks lying wholly in ranges the pool's change tracking shows unchanged since the
+//! parent (`Source::unchanged`) are not read at all: their entries and digests are the
+//! parent's (ADR 0009).
 //!
 //! Restore: objects are fetched and decompressed by up to `max_in_flight` workers, once for
 //! all the entries of a chunk that use them; each entry is verified (SHA-256) and written at
