@@ -86,6 +86,13 @@ pub struct SnapshotRecord {
     pub created_at: SystemTime,
 }
 
+impl SnapshotRecord {
+    /// The backup whose change-tracking marker this snapshot is, if it is one.
+    pub fn marker_of(&self) -> Option<&str> {
+        self.metadata.get(MARKER_KEY).map(String::as_str)
+    }
+}
+
 /// What to create.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NewVolume {
@@ -185,8 +192,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
     fn snapshot_path(&self, id: &SnapshotId) -> PathBuf;
 
     /// Whether the pool tracks changes: its snapshots cost no copy, and it can tell which
-    /// ranges two snapshots of a volume may differ in ([`Backend::changed_ranges`]). Known
-    /// once [`Backend::open`] has run.
+    /// ranges two snapshots of a volume may differ in ([`Backend::changed_ranges`]).
     fn tracks_changes(&self) -> bool {
         false
     }

@@ -18,7 +18,6 @@ use serde::{Deserialize, Serialize};
 
 use super::backend::{
     Backend, Capacity, NewSnapshot, NewVolume, PoolStats, SnapshotRecord, Source, VolumeRecord,
-    MARKER_KEY,
 };
 use super::{data, tracking, AgentError, SnapshotId, VolumeId};
 use crate::config::{PoolConfig, PoolKindConfig};
@@ -107,6 +106,29 @@ fn remove_if_exists(path: &Path) -> Result<bool, AgentError> {
     }
 }
 
+/// A metadata file, parsed (`None` when absent).
+fn read_meta<T: serde::de::DeserializeOwned>(p: &Path) -> Result<Option<T>, AgentError> {
+    match std::fs::read(p) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| AgentError::Parse {
+                tool: "file pool metadata",
+                reason: format!("{}: {e}", p.display()),
+            }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(AgentError::io("read", p)(e)),
+    }
+}
+
+/// Writes a metadata file atomically.
+fn write_meta<T: Serialize>(p: &Path, m: &T) -> Result<(), AgentError> {
+    let bytes = serde_json::to_vec_pretty(m).map_err(|e| AgentError::Parse {
+        tool: "file pool metadata",
+        reason: e.to_string(),
+    })?;
+    write_atomic(p, &bytes)
+}
+
 /// Runs blocking file work off the async runtime.
 async fn blocking<T, F>(f: F) -> Result<T, AgentError>
 where
@@ -157,26 +179,11 @@ impl FilePool {
     }
 
     fn read_volume_meta(&self, id: &VolumeId) -> Result<Option<VolumeMeta>, AgentError> {
-        let p = self.vol_meta(id);
-        match std::fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b)
-                .map(Some)
-                .map_err(|e| AgentError::Parse {
-                    tool: "file pool metadata",
-                    reason: format!("{}: {e}", p.display()),
-                }),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(e) => Err(AgentError::io("read", &p)(e)),
-        }
+        read_meta(&self.vol_meta(id))
     }
 
     fn write_volume_meta(&self, m: &VolumeMeta) -> Result<(), AgentError> {
-        let id = VolumeId::parse(&m.id)?;
-        let bytes = serde_json::to_vec_pretty(m).map_err(|e| AgentError::Parse {
-            tool: "file pool metadata",
-            reason: e.to_string(),
-        })?;
-        write_atomic(&self.vol_meta(&id), &bytes)
+        write_meta(&self.vol_meta(&VolumeId::parse(&m.id)?), m)
     }
 
     fn volume_record(&self, m: VolumeMeta) -> Result<VolumeRecord, AgentError> {
@@ -319,7 +326,7 @@ impl Backend for FilePool {
     async fn stats(&self) -> Result<PoolStats, AgentError> {
         let vols = self.volumes().await?;
         let mut snaps = self.snapshots().await?;
-        snaps.retain(|s| !s.metadata.contains_key(MARKER_KEY));
+        snaps.retain(|s| s.marker_of().is_none());
         let provisioned: u64 = vols
             .iter()
             .map(|v| v.size.0)
@@ -367,18 +374,9 @@ impl Backend for FilePool {
             let Ok(id) = SnapshotId::parse(&raw) else {
                 continue;
             };
-            let p = self.snap_meta(&id);
-            let bytes = match std::fs::read(&p) {
-                Ok(b) => b,
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(AgentError::io("read", &p)(e)),
-            };
-            let m: SnapshotMeta =
-                serde_json::from_slice(&bytes).map_err(|e| AgentError::Parse {
-                    tool: "file pool metadata",
-                    reason: format!("{}: {e}", p.display()),
-                })?;
-            out.push(self.snapshot_record(m)?);
+            if let Some(m) = read_meta::<SnapshotMeta>(&self.snap_meta(&id))? {
+                out.push(self.snapshot_record(m)?);
+            }
         }
         Ok(out)
     }
@@ -485,11 +483,7 @@ impl Backend for FilePool {
             metadata: new.metadata.clone(),
             created_at: unix_secs(SystemTime::now()),
         };
-        let bytes = serde_json::to_vec_pretty(&meta).map_err(|e| AgentError::Parse {
-            tool: "file pool metadata",
-            reason: e.to_string(),
-        })?;
-        if let Err(e) = write_atomic(&self.snap_meta(&new.id), &bytes) {
+        if let Err(e) = write_meta(&self.snap_meta(&new.id), &meta) {
             let _ = remove_if_exists(&dst);
             return Err(e);
         }
@@ -570,22 +564,10 @@ impl Backend for FilePool {
         metadata: &BTreeMap<String, String>,
     ) -> Result<SnapshotRecord, AgentError> {
         let p = self.snap_meta(id);
-        let mut m: SnapshotMeta = match std::fs::read(&p) {
-            Ok(b) => serde_json::from_slice(&b).map_err(|e| AgentError::Parse {
-                tool: "file pool metadata",
-                reason: format!("{}: {e}", p.display()),
-            })?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(AgentError::SnapshotNotFound(id.clone()))
-            }
-            Err(e) => return Err(AgentError::io("read", &p)(e)),
-        };
+        let mut m: SnapshotMeta =
+            read_meta(&p)?.ok_or_else(|| AgentError::SnapshotNotFound(id.clone()))?;
         m.metadata = metadata.clone();
-        let bytes = serde_json::to_vec_pretty(&m).map_err(|e| AgentError::Parse {
-            tool: "file pool metadata",
-            reason: e.to_string(),
-        })?;
-        write_atomic(&p, &bytes)?;
+        write_meta(&p, &m)?;
         self.snapshot_record(m)
     }
 }
@@ -593,6 +575,7 @@ impl Backend for FilePool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::agent::backend::MARKER_KEY;
 
     fn pool(dir: &Path) -> FilePool {
         FilePool {

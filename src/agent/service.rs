@@ -20,7 +20,7 @@ pub use backups::{
 };
 
 use super::backend::{
-    Backend, NewSnapshot, NewVolume, PoolStats, SnapshotRecord, Source, VolumeRecord, MARKER_KEY,
+    Backend, NewSnapshot, NewVolume, PoolStats, SnapshotRecord, Source, VolumeRecord,
 };
 use super::chap::{ChapCredentials, ChapKey};
 use super::export::{DesiredExport, Exports, TgtdInstance};
@@ -384,7 +384,7 @@ impl AgentService {
         read(&self.index)
             .snapshots
             .values()
-            .filter(|s| &s.source_volume == id && !s.metadata.contains_key(MARKER_KEY))
+            .filter(|s| &s.source_volume == id && s.marker_of().is_none())
             .count()
     }
 
@@ -505,7 +505,7 @@ impl AgentService {
                 initiators: vol.exported_to,
             });
         }
-        for m in self.markers_of(id) {
+        for m in self.markers(Some(id)) {
             self.delete_snapshot(&m.id).await?;
         }
         match self.pool(&vol.pool)?.backend.delete(id).await {
@@ -674,7 +674,7 @@ impl AgentService {
             .snapshots
             .values()
             .filter(|s| source.is_none_or(|id| &s.source_volume == id))
-            .filter(|s| !s.metadata.contains_key(MARKER_KEY))
+            .filter(|s| s.marker_of().is_none())
             .cloned()
             .collect();
         v.sort_by(|a, b| a.id.cmp(&b.id));

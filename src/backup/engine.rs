@@ -1201,17 +1201,22 @@ mod tests {
         (vol, size): (&Path, u64),
         parent: Option<Parent>,
     ) -> Metadata {
+        back_up_from(repo, id, &source(vol, size), parent).await.0
+    }
+
+    /// Backup `id` of `src` with the test settings, and its final progress.
+    async fn back_up_from(
+        repo: &Arc<dyn Repository>,
+        id: &str,
+        src: &Source,
+        parent: Option<Parent>,
+    ) -> (Metadata, Progress) {
+        let progress = Progress::default();
         let parent = parent.map(Arc::new);
-        backup(
-            repo.clone(),
-            &bid(id),
-            &source(vol, size),
-            parent,
-            &settings(),
-            &Progress::default(),
-        )
-        .await
-        .unwrap()
+        let m = backup(repo.clone(), &bid(id), src, parent, &settings(), &progress)
+            .await
+            .unwrap();
+        (m, progress)
     }
 
     #[tokio::test]
@@ -1264,17 +1269,7 @@ mod tests {
         let by_digest = back_up(&repo, "b2", (&vol, size), Some(parent.clone())).await;
         let mut src = source(&vol, size);
         src.unchanged = vec![(0, 3 * MIB), (3 * MIB + 64 * 1024, size)];
-        let progress = Progress::default();
-        let tracked = backup(
-            repo.clone(),
-            &bid("b3"),
-            &src,
-            Some(Arc::new(parent.clone())),
-            &settings(),
-            &progress,
-        )
-        .await
-        .unwrap();
+        let (tracked, progress) = back_up_from(&repo, "b3", &src, Some(parent.clone())).await;
         assert_eq!(progress.unread(), size - 256 * 1024);
         assert_eq!(progress.done(), size);
         // The same backup as one that read everything: table (bar the object owner of the
@@ -1282,20 +1277,14 @@ mod tests {
         assert_eq!(tracked.stats, by_digest.stats);
         assert_eq!(tracked.sha256file.sha256, by_digest.sha256file.sha256);
         assert_eq!(tracked.blake3file, by_digest.blake3file);
-        let renamed: Vec<ChunkEntry> = by_digest
-            .chunks
-            .iter()
-            .map(|e| match e {
-                ChunkEntry::Data { backup, .. } if backup == "b2" => {
-                    let mut e = e.clone();
-                    if let ChunkEntry::Data { backup, .. } = &mut e {
-                        *backup = "b3".into();
-                    }
-                    e
+        let mut renamed = by_digest.chunks.clone();
+        for e in &mut renamed {
+            if let ChunkEntry::Data { backup, .. } = e {
+                if backup == "b2" {
+                    *backup = "b3".into();
                 }
-                _ => e.clone(),
-            })
-            .collect();
+            }
+        }
         assert_eq!(tracked.chunks, renamed);
         let t = blank(dir.path(), "restored", size);
         restore(
@@ -1329,17 +1318,7 @@ mod tests {
                 },
             ),
         ] {
-            let progress = Progress::default();
-            backup(
-                repo.clone(),
-                &bid(id),
-                &src,
-                Some(Arc::new(p)),
-                &settings(),
-                &progress,
-            )
-            .await
-            .unwrap();
+            let (_, progress) = back_up_from(&repo, id, &src, Some(p)).await;
             assert_eq!(progress.unread(), 0, "{id}");
         }
     }

@@ -476,12 +476,12 @@ impl AgentService {
         }
     }
 
-    /// The change-tracking markers of a volume (normally one).
-    pub(super) fn markers_of(&self, volume: &VolumeId) -> Vec<SnapshotRecord> {
+    /// The change-tracking markers, of one volume (normally one) or of all.
+    pub(super) fn markers(&self, volume: Option<&VolumeId>) -> Vec<SnapshotRecord> {
         read(&self.index)
             .snapshots
             .values()
-            .filter(|s| &s.source_volume == volume && s.metadata.contains_key(MARKER_KEY))
+            .filter(|s| s.marker_of().is_some() && volume.is_none_or(|v| &s.source_volume == v))
             .cloned()
             .collect()
     }
@@ -497,9 +497,9 @@ impl AgentService {
         size: u64,
     ) -> Vec<(u64, u64)> {
         let marker = self
-            .markers_of(volume)
+            .markers(Some(volume))
             .into_iter()
-            .find(|m| m.metadata.get(MARKER_KEY).map(String::as_str) == Some(parent));
+            .find(|m| m.marker_of() == Some(parent));
         let Some(marker) = marker else {
             tracing::info!(volume = %volume, parent, "no change-tracking marker of the parent backup: every chunk is read");
             return Vec::new();
@@ -542,7 +542,7 @@ impl AgentService {
             }
         };
         write(&self.index).snapshots.insert(rec.id.clone(), rec);
-        for old in self.markers_of(volume) {
+        for old in self.markers(Some(volume)) {
             if &old.id != snap {
                 self.delete_marker(&old).await;
             }
@@ -1043,14 +1043,10 @@ impl AgentService {
         }
         self.remove_container(repo.as_ref(), id).await?;
         lock(&self.backups.jobs).remove(id);
-        let markers: Vec<SnapshotRecord> = read(&self.index)
-            .snapshots
-            .values()
-            .filter(|s| s.metadata.get(MARKER_KEY).map(String::as_str) == Some(id.as_str()))
-            .cloned()
-            .collect();
-        for m in &markers {
-            self.delete_marker(m).await;
+        for m in self.markers(None) {
+            if m.marker_of() == Some(id.as_str()) {
+                self.delete_marker(&m).await;
+            }
         }
         tracing::info!(backup = %id, repository = repo.name(), "backup deleted");
         Ok(())
