@@ -471,6 +471,7 @@ async fn run() -> Result<(), String> {
     // incremental and stops after it: profiles of one backup (`perf record` around the
     // bench).
     if only.as_deref() == Some("full") {
+        eprintln!("bench: note: peak RSS {:.1} MiB", peak as f64 / 1024.0);
         return Ok(());
     }
     if only.as_deref() != Some("incremental") {

@@ -5,7 +5,8 @@
 //! reuse, a piece at a time: while a piece is in the cache they find its zero blocks and
 //! hash its 32 KiB blocks with BLAKE3. An all-zero chunk is a hole. Every other chunk goes
 //! to a worker (a blocking thread) that takes the SHA-256 of the blocks whose BLAKE3 the
-//! parent has from the parent's `sha256file`, computes the others, and, if the chunk
+//! parent has from the parent's `sha256file`, computes the others (side by side, one block
+//! per SIMD lane: `format::sha256_many`), and, if the chunk
 //! changed, makes its object: the whole chunk, or only its changed blocks when the parent has
 //! the rest (the unchanged ranges keep pointing into the parent's objects), compressed unless
 //! a sample shows it does not compress; the object is then written to the repository. Two
@@ -35,7 +36,7 @@ use futures::StreamExt;
 use tokio::sync::mpsc;
 
 use super::format::{
-    self, blake3, blocks_in, chunk_digest, chunk_object, key, sha256, zero_digest,
+    self, blake3, blocks_in, chunk_digest, chunk_object, key, sha256, sha256_many, zero_digest,
     zero_fast_digest, BackupStats, ChunkDigest, ChunkEntry, Compression, Digest, Metadata,
     Sha256FileInfo, BLAKE3FILE, FORMAT_NAME, FORMAT_VERSION, METADATA, SHA256FILE,
     STATUS_AVAILABLE,
@@ -203,12 +204,21 @@ enum Raw {
     },
 }
 
-/// How much a reader reads at a time before it scans and hashes it (fits a core's cache).
-const READ_PIECE: usize = 1 << 20;
+/// How much a reader reads at a time before it scans and hashes it: small enough that the
+/// piece is still in the core's cache (L2) when it is scanned and hashed.
+const READ_PIECE: usize = 128 << 10;
 
 /// Reads chunk `[offset, offset + bytes.len())` into `bytes` a piece at a time, scanning
 /// each piece for zeros and hashing its blocks while it is still in the cache. Returns the
 /// per-block zero flags and BLAKE3 digests.
+///
+/// While every piece read so far is zeros, each next piece is read into the buffer's first
+/// piece again, so a zero region costs only the copy out of the page cache into memory that
+/// stays in the cache (not a write of the whole buffer to RAM as well). At the first piece
+/// with data, that piece is moved to its place and the pieces before it are zeroed; the rest
+/// is read in place. Reading an all-zero volume is bound by that copy. An all-zero chunk
+/// (every flag set) leaves `bytes` beyond its first piece as it was: it is a hole, and its
+/// buffer goes back unread.
 fn read_chunk(
     file: &File,
     path: &Path,
@@ -217,11 +227,14 @@ fn read_chunk(
 ) -> Result<(Vec<bool>, Vec<Digest>), BackupError> {
     let blocks = blocks_in(bytes.len() as u64) as usize;
     let (mut zero, mut fast) = (Vec::with_capacity(blocks), Vec::with_capacity(blocks));
+    let mut data_seen = false;
     let mut at = 0usize;
-    for piece in bytes.chunks_mut(READ_PIECE) {
+    while at < bytes.len() {
+        let n = READ_PIECE.min(bytes.len() - at);
+        let slot = if data_seen { at } else { 0 };
+        let piece = &mut bytes[slot..slot + n];
         file.read_exact_at(piece, offset + at as u64)
             .map_err(BackupError::io("read", path))?;
-        at += piece.len();
         for b in piece.chunks(BLOCK_SIZE as usize) {
             let z = is_zero(b);
             zero.push(z);
@@ -230,7 +243,13 @@ fn read_chunk(
             } else {
                 blake3(b)
             });
+            data_seen |= !z;
         }
+        if data_seen && slot != at {
+            bytes.copy_within(0..n, at);
+            bytes[..at].fill(0);
+        }
+        at += n;
     }
     Ok((zero, fast))
 }
@@ -407,14 +426,25 @@ fn digest_chunk(
     let known = before
         .as_ref()
         .and_then(|p| Some((&p.digests, p.fast.as_ref()?)));
-    let digests: Vec<Digest> = blocks
+    // Zero blocks have a known digest, blocks whose BLAKE3 matches the parent's its SHA-256;
+    // the others are hashed together, side by side.
+    let mut digests: Vec<Option<Digest>> = blocks
         .iter()
         .enumerate()
         .map(|(i, b)| match known {
-            _ if zero[i] => zero_digest(b.len() as u64),
-            Some((sha, f)) if f[i] == fast[i] => sha[i],
-            _ => sha256(b),
+            _ if zero[i] => Some(zero_digest(b.len() as u64)),
+            Some((sha, f)) if f[i] == fast[i] => Some(sha[i]),
+            _ => None,
         })
+        .collect();
+    let todo: Vec<&[u8]> = (digests.iter().zip(&blocks))
+        .filter(|(d, _)| d.is_none())
+        .map(|(_, b)| *b)
+        .collect();
+    let mut hashed = sha256_many(&todo).into_iter();
+    let digests: Vec<Digest> = digests
+        .iter_mut()
+        .map(|d| d.take().or_else(|| hashed.next()).unwrap_or_default())
         .collect();
     let changed: Vec<bool> = match before {
         Some(p) if p.digests == digests => {
@@ -1186,6 +1216,42 @@ mod tests {
         let want = std::fs::read(&vol).unwrap();
         let got = std::fs::read(&t.path).unwrap();
         assert!(got[..size as usize] == want[..], "restored bytes differ");
+    }
+
+    #[test]
+    fn a_chunk_read_over_an_old_buffer_has_exactly_the_volume_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("v.img");
+        let f = File::create(&p).unwrap();
+        let piece = READ_PIECE as u64;
+        f.set_len(8 * piece).unwrap();
+        // Chunk 0: zeros then data in its third piece; chunk 1: data then zeros; chunk 2
+        // (the last two pieces): all zeros.
+        f.write_all_at(&[7u8; 100], 2 * piece + 5).unwrap();
+        f.write_all_at(&[9u8; 100], 3 * piece - 100).unwrap();
+        f.write_all_at(&[3u8; 100], 4 * piece).unwrap();
+        let f = File::open(&p).unwrap();
+        for (offset, len) in [
+            (0, 3 * piece),
+            (4 * piece, 2 * piece),
+            (6 * piece, 2 * piece),
+        ] {
+            let mut bytes = vec![0xaa; len as usize];
+            let (zero, fast) = read_chunk(&f, &p, offset, &mut bytes).unwrap();
+            let mut want = vec![0u8; len as usize];
+            f.read_exact_at(&mut want, offset).unwrap();
+            let blocks: Vec<&[u8]> = want.chunks(BLOCK_SIZE as usize).collect();
+            let want_zero: Vec<bool> = blocks.iter().map(|b| b.iter().all(|x| *x == 0)).collect();
+            assert_eq!(zero, want_zero, "chunk at {offset}");
+            let want_fast: Vec<Digest> = blocks.iter().map(|b| blake3(b)).collect();
+            assert_eq!(fast, want_fast, "chunk at {offset}");
+            if zero.iter().any(|z| !z) {
+                assert!(
+                    bytes == want,
+                    "chunk at {offset}: bytes differ from the volume"
+                );
+            }
+        }
     }
 
     /// Writes `bytes` into the test volume at `at`.

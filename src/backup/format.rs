@@ -64,7 +64,55 @@ pub fn chunk_digest(blocks: &[Digest]) -> Digest {
 
 /// The SHA-256 digests of the 32 KiB blocks of `data`.
 pub fn block_digests(data: &[u8]) -> Vec<Digest> {
-    data.chunks(BLOCK_SIZE as usize).map(sha256).collect()
+    sha256_many(&data.chunks(BLOCK_SIZE as usize).collect::<Vec<_>>())
+}
+
+/// The SHA-256 of each of `pieces`. SHA-256 is one serial chain per message, so one core
+/// hashes a single block at about 1.4 GB/s even with the CPU's SHA instructions; hashing
+/// independent blocks side by side, one per SIMD lane (`tape-sha256`), doubles that on
+/// AVX-512. The batch path is checked once per process against `sha2` on messages of the
+/// lengths that matter (a block, and the padding edge cases); if it ever disagrees, every
+/// digest is made one by one with `sha2` and an error is logged.
+pub fn sha256_many(pieces: &[&[u8]]) -> Vec<Digest> {
+    let mut out = vec![[0u8; 32]; pieces.len()];
+    if batch_agrees() {
+        tape_sha256::hash_many(pieces, &mut out);
+    } else {
+        for (o, p) in out.iter_mut().zip(pieces) {
+            *o = sha256(p);
+        }
+    }
+    out
+}
+
+/// Whether `tape-sha256`'s batch hashing gives `sha2`'s digests on this CPU (checked once).
+fn batch_agrees() -> bool {
+    static AGREES: OnceLock<bool> = OnceLock::new();
+    *AGREES.get_or_init(|| {
+        let data: Vec<u8> = (0..3 * BLOCK_SIZE as usize + 200)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let block = BLOCK_SIZE as usize;
+        // More messages than any backend's lanes, of mixed lengths: empty, around one and
+        // two 64-byte blocks and their padding edges, odd sizes, whole 32 KiB blocks.
+        let mut pieces: Vec<&[u8]> = [0, 1, 55, 56, 63, 64, 65, 119, 120, 128, 1000, 4097]
+            .iter()
+            .map(|n| &data[7..7 + n])
+            .collect();
+        pieces.extend(data.chunks(block));
+        pieces.extend(data[3..].chunks(block));
+        pieces.extend(std::iter::repeat_n(&data[..block], 17));
+        let mut got = vec![[0u8; 32]; pieces.len()];
+        tape_sha256::hash_many(&pieces, &mut got);
+        let agrees = pieces.iter().zip(&got).all(|(p, g)| sha256(p) == *g);
+        if !agrees {
+            tracing::error!(
+                backend = tape_sha256::backend(),
+                "batch SHA-256 disagrees with sha2 on this CPU: hashing one block at a time"
+            );
+        }
+        agrees
+    })
 }
 
 /// The digest of a full block of zeros (what every block of a hole contributes to the
@@ -656,6 +704,20 @@ impl BackupRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn many_digests_at_once_are_the_digests_one_at_a_time() {
+        use rand::RngCore;
+        assert!(batch_agrees(), "backend {}", tape_sha256::backend());
+        let mut data = vec![0u8; 5 * BLOCK_SIZE as usize];
+        rand::thread_rng().fill_bytes(&mut data);
+        let mut pieces: Vec<&[u8]> = data.chunks(BLOCK_SIZE as usize).collect();
+        pieces.extend((0..40).map(|i| &data[i * 13..i * 13 + i * 977]));
+        let want: Vec<Digest> = pieces.iter().map(|p| sha256(p)).collect();
+        assert_eq!(sha256_many(&pieces), want);
+        assert!(sha256_many(&[]).is_empty());
+        assert_eq!(block_digests(&data[..BLOCK_SIZE as usize + 10]).len(), 2);
+    }
 
     fn sample() -> Metadata {
         let cs = 4 * BLOCK_SIZE;
