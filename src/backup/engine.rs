@@ -428,7 +428,7 @@ fn digest_chunk(
         .and_then(|p| Some((&p.digests, p.fast.as_ref()?)));
     // Zero blocks have a known digest, blocks whose BLAKE3 matches the parent's its SHA-256;
     // the others are hashed together, side by side.
-    let mut digests: Vec<Option<Digest>> = blocks
+    let digests: Vec<Option<Digest>> = blocks
         .iter()
         .enumerate()
         .map(|(i, b)| match known {
@@ -443,8 +443,8 @@ fn digest_chunk(
         .collect();
     let mut hashed = sha256_many(&todo).into_iter();
     let digests: Vec<Digest> = digests
-        .iter_mut()
-        .map(|d| d.take().or_else(|| hashed.next()).unwrap_or_default())
+        .into_iter()
+        .map(|d| d.or_else(|| hashed.next()).unwrap_or_default())
         .collect();
     let changed: Vec<bool> = match before {
         Some(p) if p.digests == digests => {
