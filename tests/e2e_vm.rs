@@ -1203,71 +1203,82 @@ extra_specs = { media = "ssd", host = "comp" }
                 a.target
             ),
         );
-        let snap_req = pb::CreateSnapshotRequest {
-            source_volume_id: a.id.clone(),
-            name: "e2e-bk-backup".into(),
-            parameters: HashMap::from([("type".to_string(), "backup".to_string())]),
-            ..Default::default()
-        };
-        let deadline = Instant::now() + Duration::from_secs(600);
-        let snap = loop {
-            let s = c
-                .create_snapshot(snap_req.clone())
-                .await
-                .unwrap_or_else(|e| panic!("backup: {e:?}\n{}", ctl.log_text()))
-                .into_inner()
-                .snapshot
-                .unwrap();
-            if s.ready_to_use {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "backup not ready: {s:?}");
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        };
+        let full = backup_snapshot(&mut c, &ctl, &a.id, "e2e-bk-backup", false).await;
         // Stopped, and gone (its dd holds the mount busy until it exits).
         sh(
             "comp",
             "p=$(cat /run/e2e-writer.pid); kill -- -$p 2>/dev/null || kill $p; \
              for _ in $(seq 300); do pgrep -g $p >/dev/null || break; sleep 0.1; done; true",
         );
-        assert_eq!(snap.source_volume_id, a.id);
+        assert_eq!(full.source_volume_id, a.id);
+
+        // An incremental of the thin volume, still attached: the thin pool's metadata
+        // (thin_delta between the full backup's marker snapshot and the new one) leaves the
+        // chunks the writer did not touch unread.
+        let unread = |m: &std::collections::BTreeMap<String, f64>| {
+            m.get(r#"cinderblock_agent_backup_bytes_total{kind="backup_unread"}"#)
+                .copied()
+                .unwrap_or(0.0)
+        };
+        let unread_before = unread(&guest_metrics("stor", GUEST_AGENT_METRICS));
+        let incremental = backup_snapshot(&mut c, &ctl, &a.id, "e2e-bk-incremental", true).await;
+        let unread_now = unread(&guest_metrics("stor", GUEST_AGENT_METRICS)) - unread_before;
+        eprintln!("incremental backup of the 64 MiB thin volume: {unread_now} bytes left unread");
+        assert!(
+            unread_now > 0.0,
+            "change tracking left nothing unread\n{}",
+            sh(
+                "stor",
+                "tail -50 /mnt/host/logs/stor/cinderblock.log 2>/dev/null; true"
+            )
+        );
 
         // The source can go: a backup does not depend on it.
         detach(&mut c, &node_id, &a).await;
         delete(&mut c, a.id.clone()).await;
 
-        let mut r = req("e2e-bk-restored", "thin-comp", "z-shared", 64 * MIB);
-        r.volume_content_source = Some(pb::VolumeContentSource {
-            r#type: Some(pb::volume_content_source::Type::Snapshot(
-                pb::volume_content_source::SnapshotSource {
-                    snapshot_id: snap.snapshot_id.clone(),
-                },
-            )),
-        });
-        let restored = c
-            .create_volume(r.clone())
-            .await
-            .unwrap_or_else(|e| panic!("restore: {e:?}\n{}", ctl.log_text()))
-            .into_inner()
-            .volume
-            .unwrap();
-        assert_eq!(
-            holder(&restored.volume_id),
-            ["comp"],
-            "placed on the other storage VM"
-        );
-        // A retry of the finished restore answers the same volume.
-        assert_eq!(create(&mut c, r).await.volume_id, restored.volume_id);
-        let lv = format!("/dev/cinder-volumes/volume-{}", restored.volume_id);
-        // Mounting replays the journal of the crash-consistent copy; then the check is clean.
-        assert_eq!(
-            sh(
-                "comp",
-                &format!("mkdir -p /mnt/r && mount -t ext4 {lv} /mnt/r && sha256sum </mnt/r/file | cut -c1-64 && umount /mnt/r"),
-            ),
-            sha
-        );
-        sh("comp", &format!("e2fsck -fn {lv} >/dev/null"));
+        // Both restore on the other storage VM: the full one, and the incremental through its
+        // chain.
+        for (snap, name) in [
+            (&full, "e2e-bk-restored"),
+            (&incremental, "e2e-bk-restored-incr"),
+        ] {
+            let mut r = req(name, "thin-comp", "z-shared", 64 * MIB);
+            r.volume_content_source = Some(pb::VolumeContentSource {
+                r#type: Some(pb::volume_content_source::Type::Snapshot(
+                    pb::volume_content_source::SnapshotSource {
+                        snapshot_id: snap.snapshot_id.clone(),
+                    },
+                )),
+            });
+            let restored = c
+                .create_volume(r.clone())
+                .await
+                .unwrap_or_else(|e| panic!("restore {name}: {e:?}\n{}", ctl.log_text()))
+                .into_inner()
+                .volume
+                .unwrap();
+            assert_eq!(
+                holder(&restored.volume_id),
+                ["comp"],
+                "placed on the other storage VM"
+            );
+            // A retry of the finished restore answers the same volume.
+            assert_eq!(create(&mut c, r).await.volume_id, restored.volume_id);
+            let lv = format!("/dev/cinder-volumes/volume-{}", restored.volume_id);
+            // Mounting replays the journal of the crash-consistent copy; then the check is
+            // clean.
+            assert_eq!(
+                sh(
+                    "comp",
+                    &format!("mkdir -p /mnt/r && mount -t ext4 {lv} /mnt/r && sha256sum </mnt/r/file | cut -c1-64 && umount /mnt/r"),
+                ),
+                sha,
+                "{name}"
+            );
+            sh("comp", &format!("e2fsck -fn {lv} >/dev/null"));
+            delete(&mut c, restored.volume_id).await;
+        }
 
         // The backup ran on stor's agent and the restore on comp's: both in their metrics.
         for (vm, op, kind) in [
@@ -1298,12 +1309,50 @@ extra_specs = { media = "ssd", host = "comp" }
             );
         }
 
-        delete(&mut c, restored.volume_id).await;
-        c.delete_snapshot(pb::DeleteSnapshotRequest {
-            snapshot_id: snap.snapshot_id,
+        // The incremental depends on the full backup: deleted first.
+        for snap in [incremental, full] {
+            c.delete_snapshot(pb::DeleteSnapshotRequest {
+                snapshot_id: snap.snapshot_id,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+    }
+
+    /// A backup of `volume` through the CSI path (a snapshot of `type: backup`), waited for
+    /// until ready.
+    async fn backup_snapshot(
+        c: &mut Client,
+        ctl: &Controller,
+        volume: &str,
+        name: &str,
+        incremental: bool,
+    ) -> pb::Snapshot {
+        let mut parameters = HashMap::from([("type".to_string(), "backup".to_string())]);
+        if incremental {
+            parameters.insert("incremental".into(), "true".into());
+        }
+        let req = pb::CreateSnapshotRequest {
+            source_volume_id: volume.into(),
+            name: name.into(),
+            parameters,
             ..Default::default()
-        })
-        .await
-        .unwrap();
+        };
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let s = c
+                .create_snapshot(req.clone())
+                .await
+                .unwrap_or_else(|e| panic!("backup {name}: {e:?}\n{}", ctl.log_text()))
+                .into_inner()
+                .snapshot
+                .unwrap();
+            if s.ready_to_use {
+                return s;
+            }
+            assert!(Instant::now() < deadline, "backup {name} not ready: {s:?}");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }

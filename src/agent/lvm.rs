@@ -32,7 +32,7 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::SystemTime;
 
@@ -43,6 +43,7 @@ use super::tags::{self, SnapshotTags, VolumeTags, CREATING_TAG, VERSION_TAG};
 use super::{AgentError, SnapshotId, VolumeId};
 use crate::config::{PoolConfig, PoolKindConfig, VolumeClear};
 use crate::exec::lvm::{self as cmd, Lv, LvmError, NewLv};
+use crate::exec::thin;
 use crate::exec::{ExecError, Runner};
 use crate::types::Bytes;
 
@@ -83,6 +84,13 @@ fn clone_lv(id: &VolumeId) -> String {
     format!("{CLONE_PREFIX}{id}")
 }
 
+/// [`LvmPool::tracking`] before the first `open()`, and for thick pools.
+const TRACKING_UNKNOWN: u8 = 0;
+/// A thin pool whose changes `thin_delta` can tell.
+const TRACKING_ON: u8 = 1;
+/// A thin pool without `thin_delta`: incremental backups read every chunk.
+const TRACKING_OFF: u8 = 2;
+
 /// One LVM pool.
 #[derive(Debug)]
 pub struct LvmPool {
@@ -95,6 +103,9 @@ pub struct LvmPool {
     runner: Runner,
     /// The VG's extent size in bytes, read by `open()`.
     extent: AtomicU64,
+    /// Whether this thin pool's changes can be tracked (`thin_delta` installed): one of
+    /// `TRACKING_*`, probed by the first `open()`.
+    tracking: AtomicU8,
     /// Names of LVs this process is creating right now, so that `open()` (run again by
     /// reconciliation) does not take them for leftovers of a crash. Held only for set
     /// operations, never across `.await`.
@@ -152,6 +163,7 @@ impl LvmPool {
             cow_percent: cfg.snapshot_cow_percent.clamp(1, 100),
             runner,
             extent: AtomicU64::new(DEFAULT_EXTENT.get()),
+            tracking: AtomicU8::new(TRACKING_UNKNOWN),
             in_progress: Mutex::new(BTreeSet::new()),
         })
     }
@@ -629,6 +641,15 @@ impl Backend for LvmPool {
                 }
                 tracing::warn!(pool = %self.name, "{msg}");
             }
+            if self.tracking.load(Ordering::Relaxed) == TRACKING_UNKNOWN {
+                let found = self.runner.run(&thin::version()).await;
+                let on = matches!(&found, Ok(o) if o.success());
+                if !on {
+                    tracing::info!(pool = %self.name, "thin_delta (thin-provisioning-tools) not found: incremental backups of this pool read every chunk");
+                }
+                let state = if on { TRACKING_ON } else { TRACKING_OFF };
+                self.tracking.store(state, Ordering::Relaxed);
+            }
         }
         let busy = self.in_progress().clone();
         // Leftovers of interrupted creates, temporary snapshots first (they may have a
@@ -928,6 +949,87 @@ impl Backend for LvmPool {
 
     fn volume_path(&self, id: &VolumeId) -> PathBuf {
         PathBuf::from(self.dev(&volume_lv(id)))
+    }
+
+    /// Thin pools, where `thin_delta` is installed: two thin snapshots of a volume share
+    /// every block the volume did not write between them, and the pool's metadata says which.
+    fn tracks_changes(&self) -> bool {
+        self.is_thin() && self.tracking.load(Ordering::Relaxed) == TRACKING_ON
+    }
+
+    async fn changed_ranges(
+        &self,
+        before: &SnapshotId,
+        after: &SnapshotId,
+    ) -> Result<Option<Vec<(u64, u64)>>, AgentError> {
+        let Some(pool) = self.thin_pool.as_deref().filter(|_| self.tracks_changes()) else {
+            return Ok(None);
+        };
+        let ((a, ta), (b, tb)) = (
+            self.find_snapshot(before).await?,
+            self.find_snapshot(after).await?,
+        );
+        // Grown in between: the new end is not in the older snapshot (read everything, as
+        // the file pool does).
+        if ta.size != tb.size {
+            return Ok(None);
+        }
+        let c = cmd::thin_ids(&self.vg, &[&a.name, &b.name]);
+        let out = cmd::lvm(&self.runner, &c)
+            .await
+            .map_err(|e| self.fail(format!("reading thin ids of {} and {}", a.name, b.name), e))?;
+        let ids = cmd::parse_thin_ids(&out.stdout)
+            .map_err(|e| self.fail(format!("reading thin ids of {} and {}", a.name, b.name), e))?;
+        let id = |lv: &Lv| {
+            ids.iter()
+                .find(|(n, _)| n == &lv.name)
+                .map(|(_, id)| *id)
+                .ok_or_else(|| AgentError::Parse {
+                    tool: "lvm",
+                    reason: format!("no thin id of {} in the report", lv.name),
+                })
+        };
+        let pair = (id(&a)?, id(&b)?);
+        // One metadata snapshot per pool, and no LVM change beside it.
+        let _turn = cmd::vg_turn(&self.vg).await;
+        let changed = thin::changed_between(&self.runner, (&self.vg, pool), pair)
+            .await
+            .map_err(|e| match e {
+                thin::ThinError::Exec { context, source } => AgentError::Exec { context, source },
+                thin::ThinError::Parse(reason) => AgentError::Parse {
+                    tool: thin::THIN_DELTA,
+                    reason,
+                },
+            })?;
+        let size = tb.size.get();
+        Ok(Some(
+            changed
+                .into_iter()
+                .filter(|(s, _)| *s < size)
+                .map(|(s, e)| (s, e.min(size)))
+                .collect(),
+        ))
+    }
+
+    async fn set_snapshot_metadata(
+        &self,
+        id: &SnapshotId,
+        metadata: &std::collections::BTreeMap<String, String>,
+    ) -> Result<SnapshotRecord, AgentError> {
+        let (lv, mut t) = self.find_snapshot(id).await?;
+        t.metadata = metadata.clone();
+        t.to_tags()?; // rejects a tag LVM would refuse, before changing anything
+        let (add, del) = tags::diff(&lv.tags, &tags::metadata_tags(metadata), tags::is_meta_tag);
+        if !add.is_empty() || !del.is_empty() {
+            let c = cmd::lvchange_tags(&self.vg, &lv.name, &add, &del);
+            self.run(
+                || format!("updating tags of LV {}/{}", self.vg, lv.name),
+                &c,
+            )
+            .await?;
+        }
+        let (lv, t) = self.find_snapshot(id).await?;
+        Ok(self.snapshot_record(id.clone(), &lv, t))
     }
 
     /// Thin snapshots are created with `--setactivationskip n`, so they are active like thick
@@ -1271,6 +1373,172 @@ mod tests {
         assert_eq!(f.calls(), vec![lvs_all(), lvm_argv(cmd::vgs("cbfix"))]);
     }
 
+    /// Two thin snapshots of volume-7a8b named as in the captured `thin_delta` run, with
+    /// their lookups as the fake's first replies; the pool tracks changes.
+    fn tracked(mut rest: Vec<Reply>) -> (Fake, LvmPool) {
+        let snap = |name: &str| ok(report(&[lv_as("_snapshot-9c0d", &[("lv_name", name)])]));
+        let mut replies = vec![snap("_snapshot-da"), snap("_snapshot-db")];
+        replies.append(&mut rest);
+        let (f, p) = thin(replies);
+        p.tracking.store(TRACKING_ON, Ordering::Relaxed);
+        (f, p)
+    }
+
+    const RESERVE: &str = "dmsetup message cbfix-pool0-tpool 0 reserve_metadata_snap";
+    const RELEASE: &str = "dmsetup message cbfix-pool0-tpool 0 release_metadata_snap";
+    const DELTA: &str =
+        "thin_delta --metadata-snap --snap1 5 --snap2 6 /dev/mapper/cbfix-pool0_tmeta";
+
+    #[tokio::test]
+    async fn changed_ranges_come_from_thin_delta_on_a_held_metadata_snapshot() {
+        let (f, p) = tracked(vec![
+            ok(fixture("lvs-thin-id.json")),
+            done(),
+            ok(fixture("thin_delta.txt")),
+            done(),
+        ]);
+        let changed = p
+            .changed_ranges(&sid("da"), &sid("db"))
+            .await
+            .unwrap()
+            .unwrap();
+        let kib = 1024;
+        assert_eq!(
+            changed,
+            vec![(1024 * kib, 2048 * kib), (6400 * kib, 6592 * kib)]
+        );
+        let calls = f.calls();
+        assert_eq!(
+            calls[2],
+            lvm_argv(cmd::thin_ids("cbfix", &["_snapshot-da", "_snapshot-db"]))
+        );
+        assert_eq!(calls[3..], [words(RESERVE), words(DELTA), words(RELEASE)]);
+    }
+
+    #[tokio::test]
+    async fn a_metadata_snapshot_left_held_is_released_and_taken_again() {
+        let (f, p) = tracked(vec![
+            ok(fixture("lvs-thin-id.json")),
+            captured("dmsetup-reserve-busy"),
+            done(),
+            done(),
+            ok(fixture("thin_delta.txt")),
+            done(),
+        ]);
+        let changed = p.changed_ranges(&sid("da"), &sid("db")).await.unwrap();
+        assert_eq!(changed.map(|c| c.len()), Some(2));
+        assert_eq!(
+            f.calls()[3..],
+            [
+                words(RESERVE),
+                words(RELEASE),
+                words(RESERVE),
+                words(DELTA),
+                words(RELEASE)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_comparison_still_releases_the_metadata_snapshot() {
+        let failed = Reply {
+            code: 1,
+            stdout: String::new(),
+            stderr: "no current metadata snap".into(),
+        };
+        let (f, p) = tracked(vec![
+            ok(fixture("lvs-thin-id.json")),
+            done(),
+            failed,
+            done(),
+        ]);
+        let e = p.changed_ranges(&sid("da"), &sid("db")).await.unwrap_err();
+        assert!(
+            e.to_string().contains("comparing thin devices 5 and 6"),
+            "{e}"
+        );
+        assert_eq!(f.calls().last(), Some(&words(RELEASE)));
+        assert_eq!(f.calls().len(), 6);
+
+        // Output this parser does not know: an error too (the backup then reads everything).
+        let (_f, p) = tracked(vec![
+            ok(fixture("lvs-thin-id.json")),
+            done(),
+            ok("<superblock data_block_size=\"128\">\n<mapped begin=\"0\"/>\n"),
+            done(),
+        ]);
+        assert!(matches!(
+            p.changed_ranges(&sid("da"), &sid("db")).await,
+            Err(AgentError::Parse { .. })
+        ));
+    }
+
+    #[tokio::test]
+    async fn no_tracking_without_thin_delta_nor_across_a_resize() {
+        let (f, p) = thin(vec![]);
+        p.tracking.store(TRACKING_OFF, Ordering::Relaxed);
+        assert_eq!(
+            p.changed_ranges(&sid("da"), &sid("db")).await.unwrap(),
+            None
+        );
+        assert!(f.calls().is_empty());
+
+        let grown = lv_as("_snapshot-9c0d", &[("lv_name", "_snapshot-db")]);
+        let tags = grown["lv_tags"]
+            .as_str()
+            .unwrap()
+            .replace("cb.size=134217728", "cb.size=268435456");
+        let grown = lv_as(
+            "_snapshot-9c0d",
+            &[("lv_name", "_snapshot-db"), ("lv_tags", &tags)],
+        );
+        let (f, p) = thin(vec![
+            ok(report(&[lv_as(
+                "_snapshot-9c0d",
+                &[("lv_name", "_snapshot-da")],
+            )])),
+            ok(report(&[grown])),
+        ]);
+        p.tracking.store(TRACKING_ON, Ordering::Relaxed);
+        assert_eq!(
+            p.changed_ranges(&sid("da"), &sid("db")).await.unwrap(),
+            None
+        );
+        assert_eq!(f.calls().len(), 2);
+    }
+
+    #[tokio::test]
+    async fn snapshot_metadata_is_replaced_in_one_lvchange() {
+        let before = BTreeMap::from([("cb.backup.temp".to_owned(), "b1".to_owned())]);
+        let after = BTreeMap::from([("cb.backup.marker".to_owned(), "b1".to_owned())]);
+        let with = |md: &BTreeMap<String, String>| {
+            let base = fx_lv("_snapshot-9c0d")["lv_tags"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            let mut all: Vec<String> = base.split(',').map(str::to_owned).collect();
+            all.extend(tags::metadata_tags(md));
+            all.sort();
+            ok(report(&[lv_as(
+                "_snapshot-9c0d",
+                &[("lv_tags", &all.join(","))],
+            )]))
+        };
+        let (f, p) = thin(vec![with(&before), done(), with(&after)]);
+        let rec = p.set_snapshot_metadata(&sid("9c0d"), &after).await.unwrap();
+        assert_eq!(rec.metadata, after);
+        let mut want = vec!["lvm".to_owned(), "lvchange".to_owned()];
+        for t in tags::metadata_tags(&after) {
+            want.extend(["--addtag".to_owned(), t]);
+        }
+        for t in tags::metadata_tags(&before) {
+            want.extend(["--deltag".to_owned(), t]);
+        }
+        want.push("cbfix/_snapshot-9c0d".into());
+        assert_eq!(f.calls()[1], want);
+        assert_eq!(f.calls().len(), 3);
+    }
+
     #[tokio::test]
     async fn stats_thin() {
         let (f, p) = thin(vec![all_lvs()]);
@@ -1329,22 +1597,43 @@ mod tests {
             ),
             fx_lv("lvol-skip"),
         ]);
-        let (f, p) = thin(vec![ok(fixture("vgs.json")), ok(lvs), done()]);
+        let (f, p) = thin(vec![
+            ok(fixture("vgs.json")),
+            ok(lvs.clone()),
+            ok("0.9.0\n"),
+            done(),
+            ok(fixture("vgs.json")),
+            ok(lvs),
+            done(),
+        ]);
+        assert!(!p.tracks_changes(), "unknown before open()");
         p.open().await.unwrap();
+        assert_eq!(f.calls()[2], words("thin_delta -V"));
+        assert!(p.tracks_changes(), "thin_delta is there");
         assert_eq!(
-            f.calls()[2],
+            f.calls()[3],
             words("lvm lvchange --activate y cbfix/volume-7a8b"),
             "our inactive volume is activated, the foreign skipped snapshot is left alone"
         );
-        assert_eq!(f.calls().len(), 3);
+        assert_eq!(f.calls().len(), 4);
+        // Probed once: open() again (reconciliation) does not run it.
+        p.open().await.unwrap();
+        assert_eq!(f.calls().len(), 7);
+        assert!(f.calls()[4..].iter().all(|c| c[0] != "thin_delta"));
 
         let no_zero = report(&[lv_as("pool0", &[("lv_attr", "twi-aot---")])]);
         let (_f, p) = thin(vec![ok(fixture("vgs.json")), ok(no_zero.clone())]);
         assert!(matches!(p.open().await, Err(AgentError::Precondition(_))));
-        let (f, r) = Fake::new(vec![ok(fixture("vgs.json")), ok(no_zero)]);
+        let missing = Reply {
+            code: 127,
+            stdout: String::new(),
+            stderr: "thin_delta: not found".into(),
+        };
+        let (f, r) = Fake::new(vec![ok(fixture("vgs.json")), ok(no_zero), missing]);
         let p = LvmPool::new(&config(PoolKindConfig::LvmThin, VolumeClear::None), r).unwrap();
         p.open().await.unwrap();
-        assert_eq!(f.calls().len(), 2);
+        assert_eq!(f.calls().len(), 3);
+        assert!(!p.tracks_changes(), "no thin_delta, no change tracking");
     }
 
     #[tokio::test]
@@ -1981,6 +2270,59 @@ mod tests {
     }
 
     /// The whole life of volumes and snapshots on a real VG, as the service drives it.
+    /// Thin pools: what `thin_delta` tells between two snapshots of `v` is what was written
+    /// between them, and a snapshot's metadata can be replaced.
+    async fn real_change_tracking(p: &LvmPool, v: &VolumeId, pre: &str) {
+        use std::os::unix::fs::FileExt;
+        assert!(p.tracks_changes(), "the guest has thin_delta");
+        let snap = |id: &SnapshotId| NewSnapshot {
+            id: id.clone(),
+            source_volume: v.clone(),
+            metadata: md(&[("cb.backup.temp", "b1")]),
+        };
+        let (t1, t2) = (sid(&format!("{pre}-t1")), sid(&format!("{pre}-t2")));
+        p.snapshot(&snap(&t1)).await.unwrap();
+        let at = 5 * Bytes::MIB;
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(p.volume_path(v))
+            .unwrap();
+        let mut old = vec![0u8; 64 << 10];
+        f.read_exact_at(&mut old, at).unwrap();
+        f.write_all_at(&pattern(3, 64 << 10), at).unwrap();
+        f.sync_all().unwrap();
+        p.snapshot(&snap(&t2)).await.unwrap();
+        // The caller's content back.
+        f.write_all_at(&old, at).unwrap();
+        f.sync_all().unwrap();
+        let changed = p.changed_ranges(&t1, &t2).await.unwrap().unwrap();
+        let total: u64 = changed.iter().map(|(s, e)| e - s).sum();
+        assert!(
+            changed
+                .iter()
+                .any(|(s, e)| *s <= at && at + (64 << 10) <= *e)
+                && total <= Bytes::MIB,
+            "the 64 KiB written at 5 MiB, and little else: {changed:?}"
+        );
+        assert_eq!(p.changed_ranges(&t2, &t2).await.unwrap(), Some(vec![]));
+        let marker = md(&[("cb.backup.marker", "b1")]);
+        assert_eq!(
+            p.set_snapshot_metadata(&t2, &marker)
+                .await
+                .unwrap()
+                .metadata,
+            marker
+        );
+        let listed = p.snapshots().await.unwrap();
+        assert_eq!(
+            listed.iter().find(|s| s.id == t2).map(|s| &s.metadata),
+            Some(&marker)
+        );
+        p.delete_snapshot(&t1).await.unwrap();
+        p.delete_snapshot(&t2).await.unwrap();
+    }
+
     async fn real_lifecycle(kind: PoolKindConfig) {
         let vg = std::env::var("CB_LVM_TEST_VG").expect("CB_LVM_TEST_VG");
         let mut cfg = config(kind, VolumeClear::Zero);
@@ -2065,6 +2407,10 @@ mod tests {
             read_dev(&p.snapshot_path(&s1), 16 * mib) == a,
             "the snapshot keeps the old content"
         );
+
+        if !thick {
+            real_change_tracking(&p, &v1, pre).await;
+        }
 
         // Volume from the snapshot, larger; volume from the volume.
         let r2 = p

@@ -206,6 +206,13 @@ fn vg_queue(vg: &str) -> Arc<tokio::sync::Mutex<()>> {
     queues.entry(vg.to_owned()).or_default().clone()
 }
 
+/// Waits for `vg`'s turn in this process's queue of metadata changes and holds it until the
+/// guard drops: for work on the VG's devices that no LVM change may run beside (a thin pool's
+/// metadata snapshot). Run only reports while holding it: a change would wait for itself.
+pub async fn vg_turn(vg: &str) -> tokio::sync::OwnedMutexGuard<()> {
+    vg_queue(vg).lock_owned().await
+}
+
 /// Runs an LVM command; exit 0 or a classified [`LvmError`]. Every LVM call goes through here.
 /// Commands that change a VG's metadata run one at a time per VG, in the order they came.
 pub async fn lvm(runner: &Runner, cmd: &LvmCmd) -> Result<Output, LvmError> {
@@ -295,6 +302,43 @@ pub fn lvs(vg: &str, lv: Option<&str>) -> LvmCmd {
         None => vg.to_owned(),
     };
     report("lvs", vg, LV_FIELDS).arg(target)
+}
+
+/// `lvs` of the thin device ids of some thin LVs of `vg`: the ids the thin pool's metadata
+/// knows them by.
+pub fn thin_ids(vg: &str, lvs: &[&str]) -> LvmCmd {
+    report("lvs", vg, "lv_name,thin_id").args(lvs.iter().map(|lv| format!("{vg}/{lv}")))
+}
+
+/// Parses the JSON of a [`thin_ids`] command: (LV name, thin id) pairs.
+pub fn parse_thin_ids(json: &str) -> Result<Vec<(String, u64)>, LvmError> {
+    #[derive(Deserialize)]
+    struct Raw {
+        lv_name: String,
+        thin_id: String,
+    }
+    #[derive(Deserialize)]
+    struct Section {
+        lv: Vec<Raw>,
+    }
+    let c = "lvs";
+    let r: Report<Section> = serde_json::from_str(json).map_err(|e| parse_err(c, e.to_string()))?;
+    r.report
+        .into_iter()
+        .flat_map(|s| s.lv)
+        .map(|raw| {
+            let id = raw.thin_id.parse().map_err(|_| {
+                parse_err(
+                    c,
+                    format!(
+                        "thin_id {:?} of {} is not a number",
+                        raw.thin_id, raw.lv_name
+                    ),
+                )
+            })?;
+            Ok((raw.lv_name, id))
+        })
+        .collect()
 }
 
 /// `vgs` of one VG.
@@ -789,6 +833,30 @@ mod tests {
                 "lvm vgs --reportformat json --units b --nosuffix --config report/time_format=\"%s\" -o {VG_FIELDS} vg0"
             )
         );
+    }
+
+    #[test]
+    fn thin_ids_of_the_captured_snapshots() {
+        let c = thin_ids("cbfix", &["_snapshot-da", "_snapshot-db"]);
+        assert_eq!(
+            &c.argv()[8..],
+            s(&[
+                "-o",
+                "lv_name,thin_id",
+                "cbfix/_snapshot-da",
+                "cbfix/_snapshot-db"
+            ])
+        );
+        assert_eq!(
+            parse_thin_ids(&fixture("lvs-thin-id.json")).unwrap(),
+            vec![
+                ("_snapshot-da".to_owned(), 5),
+                ("_snapshot-db".to_owned(), 6)
+            ]
+        );
+        // A thick LV has no thin id.
+        let thick = r#"{"report":[{"lv":[{"lv_name":"volume-0a1b","thin_id":""}]}]}"#;
+        assert!(matches!(parse_thin_ids(thick), Err(LvmError::Parse { .. })));
     }
 
     #[test]

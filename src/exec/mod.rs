@@ -9,6 +9,7 @@ pub mod iscsiadm;
 pub mod lvm;
 pub mod mount;
 pub mod tgtadm;
+pub mod thin;
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -10,9 +10,13 @@
 #      the logged-in initiator sees the new size after a rescan; thick with a snapshot: refused
 #      while exported, done once unexported, snapshot intact), delete with snapshots refused,
 #      then everything deleted, a second delete fine, no LV and no target left;
-#   2. wipe on delete: a thick volume over the extents of a deleted one reads zeros;
-#   3. tgtd killed and restarted: the agent re-creates every export, data intact over iSCSI;
-#   4. the agent SIGKILLed in the middle of 20 creates: after a restart every LV is tagged,
+#   2. backups on the thin pool: full, 1 MiB rewritten, an incremental that reads only the
+#      4 MiB chunk holding it (thin_delta; agent metric backup_unread), restored onto a new
+#      volume byte for byte; the marker snapshot hidden, the full backup undeletable while
+#      the incremental depends on it, nothing left after the deletes;
+#   3. wipe on delete: a thick volume over the extents of a deleted one reads zeros;
+#   4. tgtd killed and restarted: the agent re-creates every export, data intact over iSCSI;
+#   5. the agent SIGKILLed in the middle of 20 creates: after a restart every LV is tagged,
 #      none is left half-made, and the agent lists exactly the LVs that exist.
 # Usage: agent-lvm.sh VM. Leaves the guest as it found it (agent stopped, cb-thin removed).
 set -euo pipefail
@@ -26,6 +30,7 @@ cp "$CB_E2E/guest/agent-lib.sh" "$CB_SHARE/e2e/agent-lib.sh"
 cat >"$CB_SHARE/e2e/agent-lvm.toml" <<'EOF'
 name = "e2e-agent"
 listen = "tcp://0.0.0.0:9700"
+metrics_listen = "127.0.0.1:9701"
 chap_key_file = "/etc/cinderblock/chap.key"
 tgt = { portal = "127.0.0.1:3260" }
 
@@ -46,6 +51,14 @@ thin_pool = "pool0"
 zone = "z1"
 max_over_subscription_ratio = 10.0
 capabilities = { media = "ssd" }
+
+[[backup_repositories]]
+name = "local"
+kind = "posix"
+path = "/var/lib/cb-e2e-backups"
+
+[backup]
+default_repository = "local"
 EOF
 
 cleanup() {
@@ -133,6 +146,31 @@ cycle() {
 
 cycle thick cinder-volumes
 cycle thin cb-thin
+
+# Backups on the thin pool: the incremental reads only the chunk that changed, as the thin
+# pool's metadata shows it (thin_delta between the full backup's marker snapshot and its own).
+step "thin: backup, 1 MiB rewritten, the incremental reads that 4 MiB chunk only, restore equal" "$G" "$L
+  unread() { busybox wget -qO- http://127.0.0.1:9701/metrics | awk '/^cinderblock_agent_backup_bytes_total[{]kind=\"backup_unread\"[}]/ { print \$2 }'; }
+  ctl create b1 --pool thin --size 64Mi >/dev/null
+  dd if=/dev/urandom of=/dev/cb-thin/volume-b1 bs=1M count=64 oflag=direct status=none
+  ctl backup-create b1 --id b1-full >/dev/null 2>&1
+  dd if=/dev/urandom of=/dev/cb-thin/volume-b1 bs=1M count=1 seek=21 oflag=direct conv=notrunc status=none
+  u0=\$(unread)
+  ctl backup-create b1 --id b1-incr --incremental >/dev/null 2>&1
+  u=\$(( \$(unread) - \${u0:-0} ))
+  echo \"incremental: \$u of 67108864 bytes left unread\"
+  [ \$u = 62914560 ] || fail \"expected 60 MiB unread (all but the chunk at 20 MiB): \$(grep 'change tracking' \$ALOG | tail -2)\"
+  [ \"\$(ctl -o json snapshots --volume b1 | tr -d ' \\n')\" = '[]' ] || fail 'the marker is listed'
+  [ \"\$(lvs --noheadings -o lv_name cb-thin | grep -c _snapshot-)\" = 1 ] || fail 'expected one marker LV'
+  ctl create b2 --pool thin --size 64Mi >/dev/null
+  ctl backup-restore b1-incr --volume b2 >/dev/null 2>&1
+  cmp /dev/cb-thin/volume-b1 /dev/cb-thin/volume-b2 || fail 'the restored volume differs'
+  expect_fail FailedPrecondition ctl backup-delete b1-full
+  ctl backup-delete b1-incr >/dev/null && ctl backup-delete b1-full >/dev/null
+  ctl delete b1 >/dev/null && ctl delete b2 >/dev/null
+  left=\$(lvs --noheadings -o lv_name cb-thin | grep -e volume- -e _snapshot- || true)
+  [ -z \"\$left\" ] || fail \"LVs left: \$left\""
+show "$STEP_OUT"
 
 step "wipe on delete: a new thick volume over the same extents reads zeros" "$G" "$L
   ctl create w1 --pool thick --size 64Mi >/dev/null
