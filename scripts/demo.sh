@@ -182,8 +182,9 @@ say "change 1 MiB, then an incremental backup stores only the changed chunk (and
 dd if=/dev/urandom of="$IMG" bs=1M count=1 seek=40 conv=notrunc,fsync status=none
 WANT=$(sha256sum <"$IMG" | cut -d' ' -f1)
 run "$CB" backup create "$BVOL" --incremental
-echo "    volume bytes read by backups, and taken unread from the parent (change tracking):"
-metrics 'backup_bytes_total{kind="backup_\(read\|unread\)"}'
+echo "    volume bytes read by backups, taken unread from the parent (change tracking), and"
+echo "    left unread as holes the pool showed unallocated:"
+metrics 'backup_bytes_total{kind="backup_\(read\|unread\|unallocated\)"}'
 INC=$("$CB" backup list --volume "$BVOL" -o json | grep -o '"id": *"backup-[^"]*"' | grep -v "$FULL" | tail -1 | sed 's/.*"\(backup-[^"]*\)"/\1/')
 run "$CB" backup list
 say "Cinder's rule: a backup with incremental backups on top cannot be deleted"

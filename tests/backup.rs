@@ -352,8 +352,11 @@ fn posix_repository_full_incremental_restore() {
             format!("cinderblock_agent_backup_last_throughput_bytes_per_second{{op=\"{op}\"}}");
         assert!(get(&key) > 0.0, "{key}");
     }
+    // Every byte of both volumes either read or shown unallocated by the file (SEEK_DATA).
+    let unallocated = get("cinderblock_agent_backup_bytes_total{kind=\"backup_unallocated\"}");
+    assert!(unallocated > 0.0, "the volume's holes were read");
     assert_eq!(
-        get("cinderblock_agent_backup_bytes_total{kind=\"backup_read\"}"),
+        get("cinderblock_agent_backup_bytes_total{kind=\"backup_read\"}") + unallocated,
         2.0 * size
     );
     assert_eq!(

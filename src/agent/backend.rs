@@ -208,6 +208,14 @@ pub trait Backend: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
+    /// The byte ranges of snapshot `id` that hold data, where the pool keeps a map of them
+    /// (an LVM thin snapshot's mapped blocks): the rest reads as zeros, and a backup records
+    /// it as holes without reading it. `None` when the pool keeps none (a file answers
+    /// `SEEK_DATA` by itself).
+    async fn mapped_ranges(&self, _id: &SnapshotId) -> Result<Option<Vec<(u64, u64)>>, AgentError> {
+        Ok(None)
+    }
+
     /// Replaces a snapshot's metadata (durably). Needed by pools that track changes: a
     /// backup's temporary snapshot becomes the volume's change-tracking marker.
     async fn set_snapshot_metadata(

@@ -84,6 +84,16 @@ fn clone_lv(id: &VolumeId) -> String {
     format!("{CLONE_PREFIX}{id}")
 }
 
+/// Byte ranges cut to a device of `size` bytes.
+fn within(ranges: Vec<(u64, u64)>, size: Bytes) -> Vec<(u64, u64)> {
+    let size = size.get();
+    ranges
+        .into_iter()
+        .filter(|(s, _)| *s < size)
+        .map(|(s, e)| (s, e.min(size)))
+        .collect()
+}
+
 /// [`LvmPool::tracking`] before the first `open()`, and for thick pools.
 const TRACKING_UNKNOWN: u8 = 0;
 /// A thin pool whose changes `thin_delta` can tell.
@@ -366,6 +376,46 @@ impl LvmPool {
         let raw = (u128::from(size.get()) * u128::from(self.cow_percent)).div_ceil(100);
         let raw = Bytes(u64::try_from(raw).unwrap_or(u64::MAX));
         raw.round_up(ext).unwrap_or(raw).max(ext)
+    }
+
+    /// `thin_delta` between thin LVs `a` and `b` of this (thin) pool: their thin ids, then
+    /// the comparison on a metadata snapshot, in the VG's turn (one metadata snapshot per
+    /// pool, and no LVM change beside it).
+    async fn compare(&self, a: &Lv, b: &Lv) -> Result<thin::Delta, AgentError> {
+        let pool = self.thin_pool.as_deref().ok_or_else(|| {
+            AgentError::InvalidArgument(format!("pool {} is not a thin pool", self.name))
+        })?;
+        let context = || format!("reading thin ids of {} and {}", a.name, b.name);
+        let names: Vec<&str> = if a.name == b.name {
+            vec![&a.name]
+        } else {
+            vec![&a.name, &b.name]
+        };
+        let c = cmd::thin_ids(&self.vg, &names);
+        let out = cmd::lvm(&self.runner, &c)
+            .await
+            .map_err(|e| self.fail(context(), e))?;
+        let ids = cmd::parse_thin_ids(&out.stdout).map_err(|e| self.fail(context(), e))?;
+        let id = |lv: &Lv| {
+            ids.iter()
+                .find(|(n, _)| n == &lv.name)
+                .map(|(_, id)| *id)
+                .ok_or_else(|| AgentError::Parse {
+                    tool: "lvm",
+                    reason: format!("no thin id of {} in the report", lv.name),
+                })
+        };
+        let pair = (id(a)?, id(b)?);
+        let _turn = cmd::vg_turn(&self.vg).await;
+        thin::compare(&self.runner, (&self.vg, pool), pair)
+            .await
+            .map_err(|e| match e {
+                thin::ThinError::Exec { context, source } => AgentError::Exec { context, source },
+                thin::ThinError::Parse(reason) => AgentError::Parse {
+                    tool: thin::THIN_DELTA,
+                    reason,
+                },
+            })
     }
 
     /// Clears (as configured) and removes an LV. An LV already gone is fine.
@@ -962,9 +1012,9 @@ impl Backend for LvmPool {
         before: &SnapshotId,
         after: &SnapshotId,
     ) -> Result<Option<Vec<(u64, u64)>>, AgentError> {
-        let Some(pool) = self.thin_pool.as_deref().filter(|_| self.tracks_changes()) else {
+        if !self.tracks_changes() {
             return Ok(None);
-        };
+        }
         let ((a, ta), (b, tb)) = (
             self.find_snapshot(before).await?,
             self.find_snapshot(after).await?,
@@ -974,41 +1024,19 @@ impl Backend for LvmPool {
         if ta.size != tb.size {
             return Ok(None);
         }
-        let c = cmd::thin_ids(&self.vg, &[&a.name, &b.name]);
-        let out = cmd::lvm(&self.runner, &c)
-            .await
-            .map_err(|e| self.fail(format!("reading thin ids of {} and {}", a.name, b.name), e))?;
-        let ids = cmd::parse_thin_ids(&out.stdout)
-            .map_err(|e| self.fail(format!("reading thin ids of {} and {}", a.name, b.name), e))?;
-        let id = |lv: &Lv| {
-            ids.iter()
-                .find(|(n, _)| n == &lv.name)
-                .map(|(_, id)| *id)
-                .ok_or_else(|| AgentError::Parse {
-                    tool: "lvm",
-                    reason: format!("no thin id of {} in the report", lv.name),
-                })
-        };
-        let pair = (id(&a)?, id(&b)?);
-        // One metadata snapshot per pool, and no LVM change beside it.
-        let _turn = cmd::vg_turn(&self.vg).await;
-        let changed = thin::changed_between(&self.runner, (&self.vg, pool), pair)
-            .await
-            .map_err(|e| match e {
-                thin::ThinError::Exec { context, source } => AgentError::Exec { context, source },
-                thin::ThinError::Parse(reason) => AgentError::Parse {
-                    tool: thin::THIN_DELTA,
-                    reason,
-                },
-            })?;
-        let size = tb.size.get();
-        Ok(Some(
-            changed
-                .into_iter()
-                .filter(|(s, _)| *s < size)
-                .map(|(s, e)| (s, e.min(size)))
-                .collect(),
-        ))
+        let d = self.compare(&a, &b).await?;
+        Ok(Some(within(d.changed, tb.size)))
+    }
+
+    /// Thin pools that track changes: the snapshot's mapped blocks (`thin_delta` of the
+    /// snapshot with itself).
+    async fn mapped_ranges(&self, id: &SnapshotId) -> Result<Option<Vec<(u64, u64)>>, AgentError> {
+        if !self.tracks_changes() {
+            return Ok(None);
+        }
+        let (lv, t) = self.find_snapshot(id).await?;
+        let d = self.compare(&lv, &lv).await?;
+        Ok(Some(within(d.mapped, t.size)))
     }
 
     async fn set_snapshot_metadata(
@@ -1416,6 +1444,36 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn mapped_ranges_are_thin_delta_of_the_snapshot_with_itself() {
+        let (f, p) = thin(vec![
+            ok(report(&[lv_as(
+                "_snapshot-9c0d",
+                &[("lv_name", "_snapshot-db")],
+            )])),
+            ok(fixture("lvs-thin-id.json")),
+            done(),
+            ok(fixture("thin_delta.txt")),
+            done(),
+        ]);
+        p.tracking.store(TRACKING_ON, Ordering::Relaxed);
+        let mib = Bytes::MIB;
+        assert_eq!(
+            p.mapped_ranges(&sid("db")).await.unwrap(),
+            Some(vec![(0, mib), (2 * mib, 64 * mib)])
+        );
+        let calls = f.calls();
+        assert_eq!(
+            calls[1],
+            lvm_argv(cmd::thin_ids("cbfix", &["_snapshot-db"]))
+        );
+        assert_eq!(
+            calls[3],
+            words("thin_delta --metadata-snap --snap1 6 --snap2 6 /dev/mapper/cbfix-pool0_tmeta")
+        );
+        assert_eq!(calls.len(), 5);
+    }
+
+    #[tokio::test]
     async fn a_metadata_snapshot_left_held_is_released_and_taken_again() {
         let (f, p) = tracked(vec![
             ok(fixture("lvs-thin-id.json")),
@@ -1481,6 +1539,7 @@ mod tests {
             p.changed_ranges(&sid("da"), &sid("db")).await.unwrap(),
             None
         );
+        assert_eq!(p.mapped_ranges(&sid("da")).await.unwrap(), None);
         assert!(f.calls().is_empty());
 
         let grown = lv_as("_snapshot-9c0d", &[("lv_name", "_snapshot-db")]);
@@ -2321,6 +2380,44 @@ mod tests {
         );
         p.delete_snapshot(&t1).await.unwrap();
         p.delete_snapshot(&t2).await.unwrap();
+
+        // A new volume with 64 KiB written: its snapshot maps about that, and no more.
+        let sparse = vid(&format!("{pre}-sparse"));
+        p.create(&NewVolume {
+            id: sparse.clone(),
+            size: Bytes::mib(16),
+            volume_type: "t".into(),
+            metadata: BTreeMap::new(),
+            source: None,
+        })
+        .await
+        .unwrap();
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.volume_path(&sparse))
+            .unwrap();
+        f.write_all_at(&pattern(4, 64 << 10), at).unwrap();
+        f.sync_all().unwrap();
+        drop(f); // an open LV cannot be removed
+        let t3 = sid(&format!("{pre}-t3"));
+        p.snapshot(&NewSnapshot {
+            id: t3.clone(),
+            source_volume: sparse.clone(),
+            metadata: BTreeMap::new(),
+        })
+        .await
+        .unwrap();
+        let mapped = p.mapped_ranges(&t3).await.unwrap().unwrap();
+        let total: u64 = mapped.iter().map(|(s, e)| e - s).sum();
+        assert!(
+            mapped
+                .iter()
+                .any(|(s, e)| *s <= at && at + (64 << 10) <= *e)
+                && total <= Bytes::MIB,
+            "the 64 KiB written at 5 MiB, and little else: {mapped:?}"
+        );
+        p.delete_snapshot(&t3).await.unwrap();
+        p.delete(&sparse).await.unwrap();
     }
 
     async fn real_lifecycle(kind: PoolKindConfig) {

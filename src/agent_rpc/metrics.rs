@@ -13,7 +13,7 @@
 //! | `cinderblock_agent_pool_healthy` | gauge (0/1) | `pool` |
 //! | `cinderblock_agent_rpc_total` | counter | `rpc`, `code` |
 //! | `cinderblock_agent_backup_duration_seconds` | histogram | `op` = backup, restore; `result` = ok, failed |
-//! | `cinderblock_agent_backup_bytes_total` | counter | `kind` = backup_read, backup_stored, restore_written |
+//! | `cinderblock_agent_backup_bytes_total` | counter | `kind` = backup_read, backup_unread, backup_unallocated, backup_stored, restore_written |
 //! | `cinderblock_agent_backup_last_throughput_bytes_per_second` | gauge | `op` |
 //!
 //! Pool gauges are the agent's last pool reports when at most 30 s old (a controller asks for
@@ -156,12 +156,15 @@ impl Collector for AgentMetrics {
             Kind::Counter,
             "Bytes moved by successful backups and restores: volume bytes a backup read \
              (backup_read), volume bytes it took from its parent unread because change \
-             tracking showed them unchanged (backup_unread), bytes it wrote to its repository \
-             (backup_stored), volume bytes a restore wrote (restore_written).",
+             tracking showed them unchanged (backup_unread), volume bytes it recorded as holes \
+             unread because the pool showed them unallocated (backup_unallocated), bytes it \
+             wrote to its repository (backup_stored), volume bytes a restore wrote \
+             (restore_written).",
         );
         for (kind, c) in [
             ("backup_read", &tr.backup_read_bytes),
             ("backup_unread", &tr.backup_unread_bytes),
+            ("backup_unallocated", &tr.backup_unallocated_bytes),
             ("backup_stored", &tr.backup_stored_bytes),
             ("restore_written", &tr.restore_written_bytes),
         ] {

@@ -89,6 +89,7 @@ pub struct Progress {
     total: AtomicU64,
     stored: AtomicU64,
     unread: AtomicU64,
+    unallocated: AtomicU64,
 }
 
 impl Progress {
@@ -119,6 +120,12 @@ impl Progress {
     pub fn unread(&self) -> u64 {
         self.unread.load(Ordering::Relaxed)
     }
+
+    /// Bytes of the volume recorded as holes without reading them, because the pool shows
+    /// them unallocated (a file's holes, a thin snapshot's unmapped blocks).
+    pub fn unallocated(&self) -> u64 {
+        self.unallocated.load(Ordering::Relaxed)
+    }
 }
 
 /// The volume (or snapshot) to back up.
@@ -138,6 +145,10 @@ pub struct Source {
     /// order, not overlapping; empty without tracking). Chunks inside them are taken from the
     /// parent without being read.
     pub unchanged: Vec<(u64, u64)>,
+    /// Byte ranges holding data, where the pool keeps a map of them (an LVM thin snapshot's
+    /// mapped blocks; in order, not overlapping): the rest reads as zeros and becomes holes
+    /// unread. `None`: the file's own `SEEK_DATA` map (a block device has none: all of it).
+    pub mapped: Option<Vec<(u64, u64)>>,
 }
 
 /// The backup an incremental one builds on: its metadata and block digests.
@@ -189,8 +200,8 @@ pub fn now_secs() -> u64 {
 
 /// A chunk as the reader hands it over.
 enum Raw {
-    /// Unallocated or all zeros.
-    Hole { offset: u64, len: u64 },
+    /// All zeros: `unread` when the pool shows it unallocated, read and found zero otherwise.
+    Hole { offset: u64, len: u64, unread: bool },
     /// Unchanged since the parent by the pool's change tracking: not read.
     Same { offset: u64, len: u64 },
     /// Data, with what the reader found while the bytes were in its cache: which blocks are
@@ -322,18 +333,23 @@ fn compressible(data: &[u8]) -> bool {
 const READERS: u64 = 2;
 
 /// Reads chunks `first`, `first + READERS`, … of `path`'s chunk grid into `tx`, except those
-/// whose index is in a range of `same` (in order), handed over unread; stops early when
-/// `stop` is set or the receiver is gone.
+/// whose index is in a range of `same` (in order), handed over unread, and those outside
+/// the data ranges (`mapped`, else the file's `SEEK_DATA` map), handed over as unread holes;
+/// stops early when `stop` is set or the receiver is gone.
 fn read_grid(
     path: &Path,
     (size, chunk, first): (u64, u64, u64),
     same: &[(u64, u64)],
+    mapped: Option<&[(u64, u64)]>,
     stop: &AtomicBool,
     tx: &mpsc::Sender<Result<Raw, BackupError>>,
     buffers: &Buffers,
 ) -> Result<(), BackupError> {
     let file = File::open(path).map_err(BackupError::io("open", path))?;
-    let ranges = data_ranges(&file, size);
+    let ranges = match mapped {
+        Some(m) => m.to_vec(),
+        None => data_ranges(&file, size),
+    };
     let (mut r, mut q) = (0usize, 0usize);
     let mut index = first;
     let mut offset = first * chunk;
@@ -358,7 +374,11 @@ fn read_grid(
             let (zero, fast) = read_chunk(&file, path, offset, &mut bytes)?;
             if zero.iter().all(|z| *z) {
                 buffers.give(bytes);
-                Raw::Hole { offset, len }
+                Raw::Hole {
+                    offset,
+                    len,
+                    unread: false,
+                }
             } else {
                 Raw::Data {
                     index,
@@ -369,7 +389,11 @@ fn read_grid(
                 }
             }
         } else {
-            Raw::Hole { offset, len }
+            Raw::Hole {
+                offset,
+                len,
+                unread: true,
+            }
         };
         if tx.blocking_send(Ok(raw)).is_err() {
             return Ok(());
@@ -619,15 +643,17 @@ pub async fn backup(
         }
         _ => Vec::new(),
     });
+    let mapped = Arc::new(source.mapped.clone());
     let mut readers = Vec::new();
     let mut queues = Vec::new();
     for first in 0..READERS {
         let (tx, rx) = mpsc::channel(1);
         let (path, stop, buffers) = (source.path.clone(), stop.clone(), buffers.clone());
-        let same = same.clone();
+        let (same, mapped) = (same.clone(), mapped.clone());
         readers.push(tokio::task::spawn_blocking(move || {
             let grid = (size, chunk, first);
-            if let Err(e) = read_grid(&path, grid, &same, &stop, &tx, &buffers) {
+            let map = mapped.as_deref();
+            if let Err(e) = read_grid(&path, grid, &same, map, &stop, &tx, &buffers) {
                 let _ = tx.blocking_send(Err(e));
             }
         }));
@@ -653,7 +679,16 @@ pub async fn backup(
                 return Ok(None);
             }
             let mut done = match raw? {
-                Raw::Hole { offset, len } => hole(offset, len, None),
+                Raw::Hole {
+                    offset,
+                    len,
+                    unread,
+                } => {
+                    if unread {
+                        progress.unallocated.fetch_add(len, Ordering::Relaxed);
+                    }
+                    hole(offset, len, None)
+                }
                 Raw::Same { offset, len } => {
                     let Some(Before {
                         entries,
@@ -1145,6 +1180,7 @@ mod tests {
             volume_type: "default".into(),
             volume_metadata: Default::default(),
             unchanged: Vec::new(),
+            mapped: None,
         }
     }
 
@@ -1640,5 +1676,55 @@ mod tests {
         );
         let digests = load_digests(repo.as_ref(), &m).await.unwrap();
         assert!(digests.iter().all(|d| *d == format::zero_block_digest()));
+    }
+
+    #[tokio::test]
+    async fn a_map_of_the_data_decides_what_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("mapped.img");
+        let f = File::create(&p).unwrap();
+        let size = 8 * MIB;
+        f.set_len(size).unwrap();
+        f.write_all_at(&[7u8; 4096], 0).unwrap();
+        f.write_all_at(&[9u8; 4096], 5 * MIB).unwrap();
+        drop(f);
+        let chunk = settings().chunk_size;
+        assert!(chunk <= MIB, "one chunk holds each write");
+        let repo = repo(dir.path());
+        // The pool maps the block at 5 MiB only (as a thin snapshot's map would say): the
+        // bytes at 0 are not read, and the chunk there is a hole, unread.
+        let mut src = source(&p, size);
+        src.mapped = Some(vec![(5 * MIB, 5 * MIB + 65536)]);
+        let progress = Progress::new(size);
+        let m = backup(repo.clone(), &bid("m"), &src, None, &settings(), &progress)
+            .await
+            .unwrap();
+        let data: Vec<u64> = m
+            .chunks
+            .iter()
+            .filter(|c| matches!(c, ChunkEntry::Data { .. }))
+            .map(ChunkEntry::offset)
+            .collect();
+        assert_eq!(data, [5 * MIB / chunk * chunk]);
+        assert_eq!(progress.unallocated(), size - chunk);
+
+        // Without a map, the file's own: both writes are read, the holes between them not.
+        let progress = Progress::new(size);
+        let m = backup(
+            repo,
+            &bid("n"),
+            &source(&p, size),
+            None,
+            &settings(),
+            &progress,
+        )
+        .await
+        .unwrap();
+        assert_eq!(m.stats.stored_chunks, 2);
+        assert!(
+            progress.unallocated() <= size - 2 * chunk,
+            "{}",
+            progress.unallocated()
+        );
     }
 }

@@ -91,47 +91,76 @@ fn attr(line: &str, name: &str) -> Result<u64, ThinError> {
         .map_err(|_| ThinError::Parse(format!("{name} is not a number in {line:?}")))
 }
 
-/// The byte ranges `[start, end)` that differ between the two devices, from `thin_delta`'s
-/// output: in order, adjacent runs merged.
-pub fn parse_delta(out: &str) -> Result<Vec<(u64, u64)>, ThinError> {
+/// What `thin_delta` shows between two thin devices, as byte ranges `[start, end)` in order
+/// with adjacent runs merged.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Delta {
+    /// Where they differ: mapped differently, or by one of them only.
+    pub changed: Vec<(u64, u64)>,
+    /// What the second one maps; the rest of it reads as zeros.
+    pub mapped: Vec<(u64, u64)>,
+}
+
+/// Appends `r` to ranges in order, merged with the last one when they touch.
+fn push(ranges: &mut Vec<(u64, u64)>, r: (u64, u64)) {
+    match ranges.last_mut() {
+        Some(last) if last.1 >= r.0 => last.1 = last.1.max(r.1),
+        _ => ranges.push(r),
+    }
+}
+
+/// Parses `thin_delta`'s output.
+pub fn parse_delta(out: &str) -> Result<Delta, ThinError> {
     let mut block: Option<u64> = None;
-    let mut changed: Vec<(u64, u64)> = Vec::new();
+    let mut d = Delta::default();
     for line in out.lines().map(str::trim).filter(|l| !l.is_empty()) {
         let tag = line
             .strip_prefix('<')
             .and_then(|l| l.split([' ', '>', '/']).next())
             .ok_or_else(|| ThinError::Parse(format!("unexpected line {line:?}")))?;
-        match tag {
+        let (changed, mapped) = match tag {
             "superblock" => {
                 let sectors = attr(line, "data_block_size")?;
                 if sectors == 0 {
                     return Err(ThinError::Parse("data_block_size 0".into()));
                 }
                 block = Some(sectors * 512);
+                continue;
             }
-            "diff" | "" => {}
-            "same" => {}
-            "different" | "left_only" | "right_only" => {
-                let bs = block
-                    .ok_or_else(|| ThinError::Parse("a range before the superblock".into()))?;
-                let (b, l) = (attr(line, "begin")?, attr(line, "length")?);
-                let range = b
-                    .checked_add(l)
-                    .and_then(|e| Some((b.checked_mul(bs)?, e.checked_mul(bs)?)))
-                    .ok_or_else(|| ThinError::Parse(format!("range out of bounds in {line:?}")))?;
-                match changed.last_mut() {
-                    Some(last) if last.1 >= range.0 => last.1 = last.1.max(range.1),
-                    _ => changed.push(range),
-                }
-            }
+            "diff" | "" => continue,
+            "same" => (false, true),
+            "different" | "right_only" => (true, true),
+            "left_only" => (true, false),
             other => return Err(ThinError::Parse(format!("unknown element <{other}"))),
+        };
+        let bs = block.ok_or_else(|| ThinError::Parse("a range before the superblock".into()))?;
+        let (b, l) = (attr(line, "begin")?, attr(line, "length")?);
+        let range = b
+            .checked_add(l)
+            .and_then(|e| Some((b.checked_mul(bs)?, e.checked_mul(bs)?)))
+            .ok_or_else(|| ThinError::Parse(format!("range out of bounds in {line:?}")))?;
+        if changed {
+            push(&mut d.changed, range);
+        }
+        if mapped {
+            push(&mut d.mapped, range);
         }
     }
     if block.is_none() {
         return Err(ThinError::Parse("no superblock line".into()));
     }
-    changed.sort_unstable();
-    Ok(changed)
+    // In block order already, as the tool prints them; kept so if a version does not.
+    let ordered = |mut v: Vec<(u64, u64)>| {
+        v.sort_unstable();
+        v.into_iter().fold(Vec::new(), |mut out, r| {
+            push(&mut out, r);
+            out
+        })
+    };
+    Ok(Delta {
+        changed: ordered(d.changed),
+        mapped: ordered(d.mapped),
+    })
 }
 
 async fn run(runner: &Runner, c: &Cmd, context: &str) -> Result<String, ThinError> {
@@ -143,16 +172,17 @@ async fn run(runner: &Runner, c: &Cmd, context: &str) -> Result<String, ThinErro
     out.check(c.program()).map(|o| o.stdout).map_err(err)
 }
 
-/// The byte ranges where thin devices `ids.0` and `ids.1` of `vg/pool` differ. Takes the
+/// Compares thin devices `ids.0` and `ids.1` of `vg/pool` (the same id twice: what it
+/// maps). Takes the
 /// pool's metadata snapshot for the comparison and always gives it back. A metadata snapshot
 /// already held is released first and taken again: an older one would not know the newer
 /// device. The caller serialises comparisons on one pool (the kernel keeps one metadata
 /// snapshot per pool).
-pub async fn changed_between(
+pub async fn compare(
     runner: &Runner,
     (vg, pool): (&str, &str),
     ids: (u64, u64),
-) -> Result<Vec<(u64, u64)>, ThinError> {
+) -> Result<Delta, ThinError> {
     let reserve = message(vg, pool, "reserve_metadata_snap");
     let release = message(vg, pool, "release_metadata_snap");
     let what = format!("thin pool {vg}/{pool}");
@@ -216,10 +246,13 @@ mod tests {
     #[test]
     fn captured_output_gives_the_written_and_the_discarded_ranges() {
         let kib = 1024;
+        let d = parse_delta(CAPTURED).unwrap();
         assert_eq!(
-            parse_delta(CAPTURED).unwrap(),
+            d.changed,
             vec![(1024 * kib, 2048 * kib), (6400 * kib, 6592 * kib)]
         );
+        // The second snapshot maps all but the discarded MiB.
+        assert_eq!(d.mapped, vec![(0, 1024 * kib), (2048 * kib, 65536 * kib)]);
     }
 
     #[test]
@@ -231,10 +264,9 @@ mod tests {
                    <same begin=\"3\" length=\"1\"/>\n\
                    <left_only begin=\"4\" length=\"1\"/>\n\
                    </diff>\n</superblock>\n";
-        assert_eq!(
-            parse_delta(out).unwrap(),
-            vec![(0, 3 * 4096), (4 * 4096, 5 * 4096)]
-        );
+        let d = parse_delta(out).unwrap();
+        assert_eq!(d.changed, vec![(0, 3 * 4096), (4 * 4096, 5 * 4096)]);
+        assert_eq!(d.mapped, vec![(0, 4 * 4096)]);
         assert!(parse_delta("").is_err(), "no superblock");
         let odd = out.replace("<same", "<mapped");
         assert!(parse_delta(&odd).is_err());

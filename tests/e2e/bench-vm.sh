@@ -9,7 +9,12 @@
 #      controller and agent in the guest), and 200 concurrent CSI creates of 8 MiB (errors,
 #      duplicates, wall time) vs 200 sequential raw lvcreate;
 #   4. attach: NodeStageVolume + NodePublishVolume through the node service (ext4, 64 MiB,
-#      `cinderblock bench-attach`) vs the same steps by hand (guest/attach-bench.sh).
+#      `cinderblock bench-attach`) vs the same steps by hand (guest/attach-bench.sh);
+#   5. backup on an LVM thin pool (issue 7's incremental figure on real LVM): a 512 MiB thin
+#      volume written whole with random bytes, a full backup, 1% rewritten in 1 MiB runs
+#      spread over it, an incremental backup (thin_delta change tracking) against the full
+#      one, into a POSIX repository on an ext4 LV of the same VG. Runs first;
+#      BENCH_VM_ONLY=backup runs only this part.
 # Prints `bench: NAME = VALUE UNIT (baseline NAME = VALUE UNIT, ratio R, goal G)` lines.
 # Boots the one-VM guest unless it runs already (then leaves it running).
 set -euo pipefail
@@ -47,6 +52,7 @@ if ! "$VM" status 2>/dev/null | grep "^$G running" >/dev/null; then
 fi
 finish() {
   "$VM" exec "$G" 'source /mnt/host/e2e/agent-lib.sh; set +e; agent_stop
+    umount /var/tmp/cb-bench-repo 2>/dev/null
     lvremove -q -y cinder-volumes >/dev/null 2>&1; true' >/dev/null 2>&1 || true
   [ $booted = 0 ] || "$VM" stop "$G" >/dev/null 2>&1 || true
 }
@@ -68,6 +74,64 @@ stats_interval_secs = 1
 [volume_types.default]
 description = "any pool"
 EOF
+
+cat >"$CB_SHARE/e2e/agent-bench-backup.toml" <<'EOF'
+name = "bench"
+listen = "tcp://127.0.0.1:9700"
+metrics_listen = "127.0.0.1:9701"
+chap_key_file = "/etc/cinderblock/chap.key"
+[[pools]]
+name = "thin"
+kind = "lvm-thin"
+vg = "cinder-volumes"
+thin_pool = "benchpool"
+[[backup_repositories]]
+name = "local"
+kind = "posix"
+path = "/var/tmp/cb-bench-repo"
+[backup]
+default_repository = "local"
+EOF
+
+# 5. Backups on the thin pool (1% = 5 runs of 1 MiB, spread as the host bench spreads them).
+bout=$("$VM" exec "$G" "source /mnt/host/e2e/agent-lib.sh
+  AGENT_CONFIG=/mnt/host/e2e/agent-bench-backup.toml
+  vgs cinder-volumes >/dev/null 2>&1 || { pvcreate -q /dev/vdb && vgcreate -q cinder-volumes /dev/vdb; }
+  lvremove -q -y cinder-volumes >/dev/null 2>&1 || true
+  lvm lvcreate -q --yes --type thin-pool --size 1280m --name benchpool cinder-volumes >/dev/null
+  lvm lvcreate -q --yes --size 768m --name benchrepo cinder-volumes >/dev/null
+  mkfs.ext4 -q /dev/cinder-volumes/benchrepo && mkdir -p /var/tmp/cb-bench-repo
+  mount /dev/cinder-volumes/benchrepo /var/tmp/cb-bench-repo
+  mkdir -p /etc/cinderblock && [ -f /etc/cinderblock/chap.key ] || head -c 32 /dev/urandom >/etc/cinderblock/chap.key
+  agent_start
+  ctl create bk --pool thin --size 512Mi >/dev/null
+  dd if=/dev/urandom of=/dev/cinder-volumes/volume-bk bs=1M count=512 oflag=direct status=none
+  t=\${EPOCHREALTIME/./}
+  ctl backup-create bk --id bk-full >/dev/null 2>&1
+  echo backup_full_ms \$(((\${EPOCHREALTIME/./} - t) / 1000))
+  for i in \$(seq 0 4); do
+    dd if=/dev/urandom of=/dev/cinder-volumes/volume-bk bs=1M count=1 seek=\$(( (2 * i + 1) * 512 / 10 )) \
+      oflag=direct conv=notrunc status=none
+  done
+  t=\${EPOCHREALTIME/./}
+  ctl backup-create bk --id bk-incr --incremental >/dev/null 2>&1
+  echo backup_incr_ms \$(((\${EPOCHREALTIME/./} - t) / 1000))
+  echo backup_unread_bytes \$(backup_bytes backup_unread)
+  ctl backup-delete bk-incr >/dev/null; ctl backup-delete bk-full >/dev/null; ctl delete bk >/dev/null
+  agent_stop
+  umount /var/tmp/cb-bench-repo; lvremove -q -y cinder-volumes >/dev/null")
+echo "$bout" | sed 's/^/  vm| /' >&2
+python3 - "$bout" <<'EOF'
+import sys
+v = dict(l.split()[:2] for l in sys.argv[1].splitlines() if len(l.split()) == 2)
+if any(k not in v for k in ("backup_full_ms", "backup_incr_ms", "backup_unread_bytes")):
+    sys.exit(f"bench: incomplete backup output from the guest: {sys.argv[1]!r}")
+full, inc = float(v["backup_full_ms"]) / 1000, float(v["backup_incr_ms"]) / 1000
+unread = int(float(v["backup_unread_bytes"])) / 2**20
+print(f"bench: backup_incremental_1pct_time_lvm_thin = {inc:.2f} s (baseline backup_full_time_lvm_thin = {full:.2f} s, "
+      f"ratio {inc / full:.2f}, goal <= 0.15) [512 MiB random, 5 runs of 1 MiB rewritten, {unread:.0f} MiB left unread by thin_delta]")
+EOF
+[ "${BENCH_VM_ONLY:-}" != backup ] || exit 0
 
 out=$("$VM" exec "$G" "source /mnt/host/e2e/agent-lib.sh
   AGENT_CONFIG=/mnt/host/e2e/agent-bench.toml

@@ -229,11 +229,14 @@ const TRANSFER_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 60.0, 300.0, 900.0, 3600.0, 1
 pub struct Transfers {
     /// Duration by `op` (backup, restore) and `result` (ok, failed).
     pub seconds: HistogramVec,
-    /// Bytes of volumes read by finished backups (holes included), all but what change
-    /// tracking showed unchanged.
+    /// Bytes of volumes read by finished backups: all but what change tracking showed
+    /// unchanged and what the pool showed unallocated.
     pub backup_read_bytes: Counter,
     /// Bytes of volumes finished backups took from their parent unread (change tracking).
     pub backup_unread_bytes: Counter,
+    /// Bytes of volumes finished backups recorded as holes unread, because the pool showed
+    /// them unallocated (a file's holes, a thin snapshot's unmapped blocks).
+    pub backup_unallocated_bytes: Counter,
     /// Bytes those backups wrote to their repository (new chunks, compressed).
     pub backup_stored_bytes: Counter,
     /// Bytes of volumes written by finished restores.
@@ -250,6 +253,7 @@ impl Default for Transfers {
             seconds: HistogramVec::new(&["op", "result"], TRANSFER_BUCKETS, 4),
             backup_read_bytes: Counter::default(),
             backup_unread_bytes: Counter::default(),
+            backup_unallocated_bytes: Counter::default(),
             backup_stored_bytes: Counter::default(),
             restore_written_bytes: Counter::default(),
             last_backup_rate: Gauge::default(),
@@ -671,6 +675,17 @@ impl AgentService {
             }
             _ => Vec::new(),
         };
+        // Where the pool keeps a map of the snapshot's data (a thin LV), the rest is not read.
+        let mapped = match &temp {
+            Some(now) if tracking => match backend.mapped_ranges(now).await {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(volume = %vol.id, snapshot = %now, error = %e, "cannot read the snapshot's map of data: every chunk is read");
+                    None
+                }
+            },
+            _ => None,
+        };
         let source = Source {
             path: source_path,
             size: size.0,
@@ -678,6 +693,7 @@ impl AgentService {
             volume_type: vol.volume_type.clone(),
             volume_metadata: vol.metadata.clone(),
             unchanged,
+            mapped,
         };
         lock(&self.backups.activity).insert(vol.id.clone(), Activity::BackingUp(id.clone()));
         let progress = Arc::new(Progress::new(size.0));
@@ -752,11 +768,16 @@ impl AgentService {
         tr.finished(Transfer::Backup, result.is_ok(), started, t.progress.done());
         let outcome = match result {
             Ok(meta) => {
-                tr.backup_read_bytes
-                    .add(meta.volume_size.saturating_sub(t.progress.unread()));
-                tr.backup_unread_bytes.add(t.progress.unread());
+                let (unread, unallocated) = (t.progress.unread(), t.progress.unallocated());
+                tr.backup_read_bytes.add(
+                    meta.volume_size
+                        .saturating_sub(unread)
+                        .saturating_sub(unallocated),
+                );
+                tr.backup_unread_bytes.add(unread);
+                tr.backup_unallocated_bytes.add(unallocated);
                 tr.backup_stored_bytes.add(meta.stats.stored_bytes);
-                tracing::info!(backup = %t.id, stored_chunks = meta.stats.stored_chunks, reused_chunks = meta.stats.reused_chunks, stored_bytes = meta.stats.stored_bytes, unread_bytes = t.progress.unread(), "backup complete");
+                tracing::info!(backup = %t.id, stored_chunks = meta.stats.stored_chunks, reused_chunks = meta.stats.reused_chunks, stored_bytes = meta.stats.stored_bytes, unread_bytes = unread, unallocated_bytes = unallocated, "backup complete");
                 lock(&self.backups.jobs).remove(&t.id);
                 let mut v = BackupView::of(&meta, t.repo.name(), t.id.clone());
                 v.status = BackupStatus::Available;

@@ -49,6 +49,13 @@ agent_stop() {  # SIGTERM (or the signal $1) and wait for the process to go
   rm -f /run/cb-agent.pid
 }
 
+# backup_bytes KIND: the agent's cinderblock_agent_backup_bytes_total{kind="KIND"} (its
+# metrics_listen is 127.0.0.1:9701; 0 before any backup).
+backup_bytes() {
+  busybox wget -qO- http://127.0.0.1:9701/metrics |
+    awk -v k="cinderblock_agent_backup_bytes_total{kind=\"$1\"}" '$1 == k { v = $2 } END { printf "%d\n", v }'
+}
+
 # export_to_me VOL: export VOL to this guest's initiator; sets CHAP_USER and CHAP_SECRET.
 export_to_me() {
   local out

@@ -10,10 +10,12 @@
 #      the logged-in initiator sees the new size after a rescan; thick with a snapshot: refused
 #      while exported, done once unexported, snapshot intact), delete with snapshots refused,
 #      then everything deleted, a second delete fine, no LV and no target left;
-#   2. backups on the thin pool: full, 1 MiB rewritten, an incremental that reads only the
-#      4 MiB chunk holding it (thin_delta; agent metric backup_unread), restored onto a new
-#      volume byte for byte; the marker snapshot hidden, the full backup undeletable while
-#      the incremental depends on it, nothing left after the deletes;
+#   2. backups on the thin pool (thin_delta): a full backup of a volume with 1 MiB written
+#      reads only the 4 MiB chunk holding it (agent metric backup_unallocated); a volume
+#      written whole, backed up, 1 MiB rewritten: the incremental reads only that chunk
+#      (backup_unread) and restores onto a new volume byte for byte; the marker snapshot
+#      hidden, the full backup undeletable while the incremental depends on it, nothing
+#      left after the deletes;
 #   3. wipe on delete: a thick volume over the extents of a deleted one reads zeros;
 #   4. tgtd killed and restarted: the agent re-creates every export, data intact over iSCSI;
 #   5. the agent SIGKILLed in the middle of 20 creates: after a restart every LV is tagged,
@@ -147,19 +149,28 @@ cycle() {
 cycle thick cinder-volumes
 cycle thin cb-thin
 
-# Backups on the thin pool: the incremental reads only the chunk that changed, as the thin
-# pool's metadata shows it (thin_delta between the full backup's marker snapshot and its own).
-step "thin: backup, 1 MiB rewritten, the incremental reads that 4 MiB chunk only, restore equal" "$G" "$L
-  unread() { busybox wget -qO- http://127.0.0.1:9701/metrics | awk '/^cinderblock_agent_backup_bytes_total[{]kind=\"backup_unread\"[}]/ { print \$2 }'; }
+# Backups on the thin pool, where the pool's metadata shows what to read: a full backup
+# reads only the blocks the volume's snapshot maps, an incremental only those changed since
+# the full backup's marker snapshot (thin_delta both times).
+step "thin: a backup reads only mapped blocks; 1 MiB rewritten, the incremental reads only its chunk; restore equal" "$G" "$L
+  ctl create b0 --pool thin --size 64Mi >/dev/null
+  dd if=/dev/urandom of=/dev/cb-thin/volume-b0 bs=1M count=1 seek=9 oflag=direct status=none
+  a0=\$(backup_bytes backup_unallocated)
+  ctl backup-create b0 --id b0-full >/dev/null 2>&1
+  a=\$(( \$(backup_bytes backup_unallocated) - a0 ))
+  echo \"full backup, 1 MiB written: \$a of 67108864 bytes unmapped, not read\"
+  [ \$a = 62914560 ] || fail \"expected 60 MiB not read (all but the chunk at 8 MiB): \$(grep 'backup complete' \$ALOG | tail -1)\"
+  ctl backup-delete b0-full >/dev/null && ctl delete b0 >/dev/null
+
   ctl create b1 --pool thin --size 64Mi >/dev/null
   dd if=/dev/urandom of=/dev/cb-thin/volume-b1 bs=1M count=64 oflag=direct status=none
   ctl backup-create b1 --id b1-full >/dev/null 2>&1
   dd if=/dev/urandom of=/dev/cb-thin/volume-b1 bs=1M count=1 seek=21 oflag=direct conv=notrunc status=none
-  u0=\$(unread)
+  u0=\$(backup_bytes backup_unread)
   ctl backup-create b1 --id b1-incr --incremental >/dev/null 2>&1
-  u=\$(( \$(unread) - \${u0:-0} ))
-  echo \"incremental: \$u of 67108864 bytes left unread\"
-  [ \$u = 62914560 ] || fail \"expected 60 MiB unread (all but the chunk at 20 MiB): \$(grep 'change tracking' \$ALOG | tail -2)\"
+  u=\$(( \$(backup_bytes backup_unread) - u0 ))
+  echo \"incremental, 1 MiB rewritten: \$u of 67108864 bytes unchanged, not read\"
+  [ \$u = 62914560 ] || fail \"expected 60 MiB not read (all but the chunk at 20 MiB): \$(grep 'change tracking' \$ALOG | tail -2)\"
   [ \"\$(ctl -o json snapshots --volume b1 | tr -d ' \\n')\" = '[]' ] || fail 'the marker is listed'
   [ \"\$(lvs --noheadings -o lv_name cb-thin | grep -c _snapshot-)\" = 1 ] || fail 'expected one marker LV'
   ctl create b2 --pool thin --size 64Mi >/dev/null
