@@ -101,6 +101,9 @@ const TRACKING_ON: u8 = 1;
 /// A thin pool without `thin_delta`: incremental backups read every chunk.
 const TRACKING_OFF: u8 = 2;
 
+/// A thin snapshot's LV name and the byte ranges it maps.
+type SnapshotMap = (String, Vec<(u64, u64)>);
+
 /// One LVM pool.
 #[derive(Debug)]
 pub struct LvmPool {
@@ -120,6 +123,9 @@ pub struct LvmPool {
     /// reconciliation) does not take them for leftovers of a crash. Held only for set
     /// operations, never across `.await`.
     in_progress: Mutex<BTreeSet<String>>,
+    /// The map of the newer snapshot of the last `changed_ranges` (LV name, mapped ranges):
+    /// the backup asks for it next, and a snapshot's map never changes.
+    last_mapped: Mutex<Option<SnapshotMap>>,
 }
 
 /// Marks an LV as being created by this process while alive.
@@ -175,7 +181,12 @@ impl LvmPool {
             extent: AtomicU64::new(DEFAULT_EXTENT.get()),
             tracking: AtomicU8::new(TRACKING_UNKNOWN),
             in_progress: Mutex::new(BTreeSet::new()),
+            last_mapped: Mutex::new(None),
         })
+    }
+
+    fn last_mapped(&self) -> std::sync::MutexGuard<'_, Option<SnapshotMap>> {
+        self.last_mapped.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     fn in_progress(&self) -> std::sync::MutexGuard<'_, BTreeSet<String>> {
@@ -1025,6 +1036,7 @@ impl Backend for LvmPool {
             return Ok(None);
         }
         let d = self.compare(&a, &b).await?;
+        *self.last_mapped() = Some((b.name.clone(), within(d.mapped, tb.size)));
         Ok(Some(within(d.changed, tb.size)))
     }
 
@@ -1033,6 +1045,20 @@ impl Backend for LvmPool {
     async fn mapped_ranges(&self, id: &SnapshotId) -> Result<Option<Vec<(u64, u64)>>, AgentError> {
         if !self.tracks_changes() {
             return Ok(None);
+        }
+        let name = snapshot_lv(id);
+        let hit = {
+            let mut cached = self.last_mapped();
+            match cached.take() {
+                Some((n, m)) if n == name => Some(m),
+                other => {
+                    *cached = other;
+                    None
+                }
+            }
+        };
+        if hit.is_some() {
+            return Ok(hit);
         }
         let (lv, t) = self.find_snapshot(id).await?;
         let d = self.compare(&lv, &lv).await?;
@@ -1441,6 +1467,12 @@ mod tests {
             lvm_argv(cmd::thin_ids("cbfix", &["_snapshot-da", "_snapshot-db"]))
         );
         assert_eq!(calls[3..], [words(RESERVE), words(DELTA), words(RELEASE)]);
+        // The newer snapshot's map came with the comparison: asked next, it runs nothing.
+        assert_eq!(
+            p.mapped_ranges(&sid("db")).await.unwrap(),
+            Some(vec![(0, 1024 * kib), (2048 * kib, 65536 * kib)])
+        );
+        assert_eq!(f.calls().len(), 6);
     }
 
     #[tokio::test]
