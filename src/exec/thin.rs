@@ -187,32 +187,23 @@ pub async fn compare(
     let release = message(vg, pool, "release_metadata_snap");
     let what = format!("thin pool {vg}/{pool}");
     let reserving = format!("reserving a metadata snapshot of {what}");
-    let first = runner
-        .run(&reserve)
-        .await
-        .map_err(|source| ThinError::Exec {
-            context: reserving.clone(),
-            source,
-        })?;
-    if !first.success() {
-        if !first.stderr.contains(STDERR_BUSY) {
-            return Err(ThinError::Exec {
-                context: reserving,
-                source: ExecError::Failed {
-                    program: "dmsetup".into(),
-                    code: first.code,
-                    stderr: first.stderr.trim().to_owned(),
-                },
-            });
+    match run(runner, &reserve, &reserving).await {
+        Err(ThinError::Exec {
+            source: ExecError::Failed { stderr, .. },
+            ..
+        }) if stderr.contains(STDERR_BUSY) => {
+            tracing::warn!(vg, pool, "a metadata snapshot of the thin pool was held already: releasing it and taking a new one");
+            run(
+                runner,
+                &release,
+                &format!("releasing the old metadata snapshot of {what}"),
+            )
+            .await?;
+            run(runner, &reserve, &reserving).await?;
         }
-        tracing::warn!(vg, pool, "a metadata snapshot of the thin pool was held already: releasing it and taking a new one");
-        run(
-            runner,
-            &release,
-            &format!("releasing the old metadata snapshot of {what}"),
-        )
-        .await?;
-        run(runner, &reserve, &reserving).await?;
+        other => {
+            other?;
+        }
     }
     let out = run(
         runner,
