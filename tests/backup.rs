@@ -526,12 +526,45 @@ fn change_tracking_on_xfs_reads_only_the_changed_chunks() {
     assert_eq!(snapshot_files(&pool), ["snapshot-backup-full.img"]);
     assert_eq!(agent.ctl(&["snapshots"]), serde_json::json!([]));
 
+    // Space, counted by block: the marker shares all of the volume's.
+    let space = || {
+        let pools = agent.ctl(&["pools"]);
+        let metrics = common::scrape_metrics(agent.metrics);
+        let tracking = format!(
+            "cinderblock_agent_pool_tracking_bytes{{pool=\"{}\"}}",
+            SPEC.name
+        );
+        (
+            pools[0]["allocated_bytes"].as_u64().unwrap(),
+            metrics[&tracking] as u64,
+        )
+    };
+    let (written, none) = space();
+    assert_eq!(none, 0);
+    assert!(
+        (24 * MIB..=25 * MIB).contains(&written),
+        "allocated {written}"
+    );
+
     // 1% changed in three chunks: those are read, the other 253 are taken from the parent
     // unread (the file system may count a neighbour of a rewritten range as moved, never
     // fewer than the three).
     change_one_percent(&agent, "src");
     let after = agent.bytes("src");
+    // The rewritten blocks moved: the marker alone holds the old ones, and the pool counts
+    // them (14 blocks of 32 KiB, or a little more with neighbours; the third run, 6 blocks,
+    // filled a hole of both). A user snapshot shares everything with the volume and adds
+    // nothing.
+    let filled = 6 * 32 * 1024;
+    let (grown, held) = space();
+    assert!((448 << 10..=4 * MIB).contains(&held), "marker holds {held}");
+    assert_eq!(grown, written + filled + held);
+    agent.ctl(&["snapshot", "src", "--id", "s1"]);
+    assert_eq!(space(), (grown, held));
+    agent.ctl(&["delete-snapshot", "s1"]);
     let inc = backup_create(&agent, &["src", "--id", "inc", "--incremental"]);
+    // The new marker shares every block again, and the old one is gone with what it held.
+    assert_eq!(space(), (written + filled, 0));
     assert_eq!(inc["stored_chunks"], 3, "{inc}");
     let skipped = unread() as u64;
     assert!(

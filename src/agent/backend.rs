@@ -35,6 +35,9 @@ pub struct PoolStats {
     pub volume_count: u32,
     /// Number of snapshots.
     pub snapshot_count: u32,
+    /// Bytes held only by change-tracking markers (what their volumes have rewritten since
+    /// the marker was taken); `None` where the pool cannot tell them apart.
+    pub tracking: Option<Bytes>,
 }
 
 /// Where a volume's content came from.

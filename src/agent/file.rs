@@ -251,6 +251,35 @@ impl FilePool {
         ok
     }
 
+    /// Where snapshots are reflinks, the bytes the pool's images occupy with each shared
+    /// block counted once (by `FIEMAP`; a sum of the files' own allocations counts a block
+    /// once per file sharing it), and of those the bytes only change-tracking markers hold.
+    /// `None` without reflinks (each file's blocks are its own) or when an image cannot be
+    /// mapped (deleted meanwhile): the caller sums the files' allocations instead.
+    fn shared_allocation(
+        &self,
+        vols: &[VolumeRecord],
+        snaps: &[SnapshotRecord],
+    ) -> Option<(u64, u64)> {
+        if !self.tracks_changes() {
+            return None;
+        }
+        let (mut kept, mut markers) = (Vec::new(), Vec::new());
+        for v in vols {
+            kept.extend(tracking::extents(&self.vol_img(&v.id)).ok()?);
+        }
+        for s in snaps {
+            let e = tracking::extents(&self.snap_img(&s.id)).ok()?;
+            if s.marker_of().is_some() {
+                markers.extend(e);
+            } else {
+                kept.extend(e);
+            }
+        }
+        let all = tracking::distinct_bytes(kept.iter().chain(&markers));
+        Some((all, all.saturating_sub(tracking::distinct_bytes(&kept))))
+    }
+
     /// Makes `dst` a copy of `src` sized `size`: a reflink where the filesystem can, else a
     /// sparse-aware copy. Written under a temporary name and renamed into place.
     fn clone_file(src: &Path, dst: &Path, size: u64) -> Result<(), AgentError> {
@@ -326,17 +355,24 @@ impl Backend for FilePool {
     async fn stats(&self) -> Result<PoolStats, AgentError> {
         let vols = self.volumes().await?;
         let mut snaps = self.snapshots().await?;
+        let shared = self.shared_allocation(&vols, &snaps);
         snaps.retain(|s| s.marker_of().is_none());
         let provisioned: u64 = vols
             .iter()
             .map(|v| v.size.0)
             .chain(snaps.iter().map(|s| s.size.0))
             .sum();
-        let allocated: u64 = vols.iter().map(|v| v.allocated.0).sum::<u64>()
-            + snaps
-                .iter()
-                .map(|s| Self::allocated(&self.snap_img(&s.id)))
-                .sum::<u64>();
+        let (allocated, tracking) = match shared {
+            Some((all, markers)) => (all, Some(Bytes(markers))),
+            None => (
+                vols.iter().map(|v| v.allocated.0).sum::<u64>()
+                    + snaps
+                        .iter()
+                        .map(|s| Self::allocated(&self.snap_img(&s.id)))
+                        .sum::<u64>(),
+                None,
+            ),
+        };
         let vfs = rustix::fs::statvfs(&self.dir)
             .map_err(|e| AgentError::io("statvfs", &self.dir)(e.into()))?;
         let fs_total = vfs.f_blocks * vfs.f_frsize;
@@ -352,6 +388,7 @@ impl Backend for FilePool {
             allocated: Bytes(allocated),
             volume_count: vols.len() as u32,
             snapshot_count: snaps.len() as u32,
+            tracking,
         })
     }
 

@@ -770,6 +770,7 @@ impl Backend for LvmPool {
                     allocated: Bytes(used),
                     volume_count,
                     snapshot_count,
+                    tracking: None,
                 })
             }
             Some(pool) => {
@@ -792,6 +793,7 @@ impl Backend for LvmPool {
                     allocated: allocated.unwrap_or_default(),
                     volume_count,
                     snapshot_count,
+                    tracking: None,
                 })
             }
         }
@@ -1422,6 +1424,7 @@ mod tests {
                 allocated: Bytes::mib(208),
                 volume_count: 1,
                 snapshot_count: 1,
+                tracking: None,
             }
         );
         assert_eq!(f.calls(), vec![lvs_all(), lvm_argv(cmd::vgs("cbfix"))]);
@@ -1644,6 +1647,7 @@ mod tests {
                 allocated: Bytes(8375186),
                 volume_count: 2,
                 snapshot_count: 1,
+                tracking: None,
             }
         );
         assert_eq!(f.calls(), vec![lvs_all()]);

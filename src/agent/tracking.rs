@@ -101,6 +101,30 @@ fn covering<'a>(map: &'a [Extent], cursor: &mut usize, at: u64) -> Option<&'a Ex
     map.get(*cursor).filter(|e| e.logical <= at)
 }
 
+/// The bytes of storage `extents` occupy, each physical block counted once however many
+/// files (or ranges of one file) share it. Extents without a known location count in full.
+pub fn distinct_bytes<'a>(extents: impl IntoIterator<Item = &'a Extent>) -> u64 {
+    let mut unknown = 0u64;
+    let mut placed: Vec<(u64, u64)> = Vec::new();
+    for e in extents {
+        if e.unknown {
+            unknown = unknown.saturating_add(e.len);
+        } else {
+            placed.push((e.physical, e.physical.saturating_add(e.len)));
+        }
+    }
+    placed.sort_unstable();
+    let (mut total, mut end) = (0u64, 0u64);
+    for (s, t) in placed {
+        let s = s.max(end);
+        if t > s {
+            total += t - s;
+            end = t;
+        }
+    }
+    total.saturating_add(unknown)
+}
+
 /// `[0, size)` minus `ranges` (in order, not overlapping).
 pub fn complement(ranges: &[(u64, u64)], size: u64) -> Vec<(u64, u64)> {
     let mut out = Vec::new();
@@ -129,6 +153,28 @@ mod tests {
             len,
             unknown: false,
         }
+    }
+
+    #[test]
+    fn shared_blocks_count_once() {
+        // A volume, its reflinked snapshot (same blocks), and a rewrite that moved 50 bytes.
+        let vol = [ext(0, 1000, 50), ext(50, 9000, 50), ext(100, 1100, 100)];
+        let snap = [ext(0, 1000, 200)];
+        assert_eq!(distinct_bytes(&snap), 200);
+        assert_eq!(distinct_bytes(vol.iter().chain(&snap)), 250);
+        // Overlaps that start inside an earlier range, and ranges inside others.
+        let odd = [
+            ext(0, 10, 100),
+            ext(0, 50, 100),
+            ext(0, 60, 10),
+            ext(0, 400, 1),
+        ];
+        assert_eq!(distinct_bytes(&odd), 141);
+        // Unplaced (delayed allocation) extents are never shared.
+        let mut pending = ext(0, 1000, 30);
+        pending.unknown = true;
+        assert_eq!(distinct_bytes(snap.iter().chain([&pending, &pending])), 260);
+        assert_eq!(distinct_bytes(&[]), 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 //! | `cinderblock_agent_export_drift_total` | counter | `kind` = created, repaired, removed, failed |
 //! | `cinderblock_agent_tgtd_restarts_total` | counter | |
 //! | `cinderblock_agent_pool_{total,free,provisioned,allocated}_bytes` | gauge | `pool` |
+//! | `cinderblock_agent_pool_tracking_bytes` | gauge | `pool` |
 //! | `cinderblock_agent_pool_{volumes,snapshots}` | gauge | `pool` |
 //! | `cinderblock_agent_pool_healthy` | gauge (0/1) | `pool` |
 //! | `cinderblock_agent_rpc_total` | counter | `rpc`, `code` |
@@ -19,7 +20,9 @@
 //! Pool gauges are the agent's last pool reports when at most 30 s old (a controller asks for
 //! them every few seconds), else read from the pools for the scrape; a pool that cannot be
 //! read has only
-//! `healthy 0`, and a capacity the pool cannot tell (unknown, infinite) has no sample.
+//! `healthy 0`, and a capacity the pool cannot tell (unknown, infinite) has no sample, nor
+//! has `tracking_bytes` where the pool does not tell markers' blocks apart (LVM: a thin
+//! pool's `allocated_bytes` includes them).
 //! `rpc_total` counts calls by the code their response started with: a stream that fails
 //! after its first message counts as `OK`.
 
@@ -107,7 +110,7 @@ impl Collector for AgentMetrics {
         );
 
         let pools = self.agent.recent_pools(POOL_STATS_MAX_AGE).await;
-        let gauges: [(&str, &str, PoolValue); 6] = [
+        let gauges: [(&str, &str, PoolValue); 7] = [
             ("total_bytes", "Usable size of the pool.", |s| {
                 known(s.total)
             }),
@@ -121,6 +124,11 @@ impl Collector for AgentMetrics {
                 "allocated_bytes",
                 "Bytes really allocated in the pool.",
                 |s| Some(s.allocated.0),
+            ),
+            (
+                "tracking_bytes",
+                "Bytes held only by change-tracking markers (file pools with reflinks).",
+                |s| s.tracking.map(|b| b.0),
             ),
             ("volumes", "Volumes in the pool.", |s| {
                 Some(u64::from(s.volume_count))

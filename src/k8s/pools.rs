@@ -294,6 +294,7 @@ capabilities = { media = "ssd" }"#,
             allocated: Bytes::mib(100),
             volume_count: 3,
             snapshot_count: 1,
+            tracking: None,
         }));
         let st = pool_status(&r, now);
         assert_eq!(
