@@ -371,6 +371,33 @@ impl LvmPool {
         Err(AgentError::SnapshotNotFound(id.clone()))
     }
 
+    /// Two complete snapshots of this pool, read in one `lvs`; when that fails (one is
+    /// missing, say), each is looked up alone, for the error that names it.
+    async fn find_snapshots(
+        &self,
+        a: &SnapshotId,
+        b: &SnapshotId,
+    ) -> Result<[(Lv, SnapshotTags); 2], AgentError> {
+        let names = [snapshot_lv(a), snapshot_lv(b)];
+        let c = cmd::lvs_named(&self.vg, &[&names[0], &names[1]]);
+        if let Ok(lvs) = cmd::lvm(&self.runner, &c)
+            .await
+            .and_then(|out| cmd::parse_lvs(&out.stdout))
+        {
+            let complete = |name: &str| {
+                let lv = lvs.iter().find(|l| l.name == name && self.in_pool(l))?;
+                match self.ours(lv) {
+                    Some(Ours::Snapshot(_, t)) if !t.creating => Some((lv.clone(), t)),
+                    _ => None,
+                }
+            };
+            if let (Some(x), Some(y)) = (complete(&names[0]), complete(&names[1])) {
+                return Ok([x, y]);
+            }
+        }
+        Ok([self.find_snapshot(a).await?, self.find_snapshot(b).await?])
+    }
+
     async fn volume_now(&self, id: &VolumeId) -> Result<VolumeRecord, AgentError> {
         let (lv, t) = self.find_volume(id).await?;
         Ok(self.volume_record(id.clone(), &lv, t))
@@ -1028,10 +1055,7 @@ impl Backend for LvmPool {
         if !self.tracks_changes() {
             return Ok(None);
         }
-        let ((a, ta), (b, tb)) = (
-            self.find_snapshot(before).await?,
-            self.find_snapshot(after).await?,
-        );
+        let [(a, ta), (b, tb)] = self.find_snapshots(before, after).await?;
         // Grown in between: the new end is not in the older snapshot (read everything, as
         // the file pool does).
         if ta.size != tb.size {
@@ -1084,7 +1108,8 @@ impl Backend for LvmPool {
             )
             .await?;
         }
-        let (lv, t) = self.find_snapshot(id).await?;
+        // The record is what was read plus the new metadata: a second `lvs` would tell
+        // nothing more.
         Ok(self.snapshot_record(id.clone(), &lv, t))
     }
 
@@ -1431,10 +1456,10 @@ mod tests {
     }
 
     /// Two thin snapshots of volume-7a8b named as in the captured `thin_delta` run, with
-    /// their lookups as the fake's first replies; the pool tracks changes.
+    /// their lookup (one `lvs` of both) as the fake's first reply; the pool tracks changes.
     fn tracked(mut rest: Vec<Reply>) -> (Fake, LvmPool) {
-        let snap = |name: &str| ok(report(&[lv_as("_snapshot-9c0d", &[("lv_name", name)])]));
-        let mut replies = vec![snap("_snapshot-da"), snap("_snapshot-db")];
+        let snap = |name: &str| lv_as("_snapshot-9c0d", &[("lv_name", name)]);
+        let mut replies = vec![ok(report(&[snap("_snapshot-da"), snap("_snapshot-db")]))];
         replies.append(&mut rest);
         let (f, p) = thin(replies);
         p.tracking.store(TRACKING_ON, Ordering::Relaxed);
@@ -1466,16 +1491,20 @@ mod tests {
         );
         let calls = f.calls();
         assert_eq!(
-            calls[2],
+            calls[0],
+            lvm_argv(cmd::lvs_named("cbfix", &["_snapshot-da", "_snapshot-db"]))
+        );
+        assert_eq!(
+            calls[1],
             lvm_argv(cmd::thin_ids("cbfix", &["_snapshot-da", "_snapshot-db"]))
         );
-        assert_eq!(calls[3..], [words(RESERVE), words(DELTA), words(RELEASE)]);
+        assert_eq!(calls[2..], [words(RESERVE), words(DELTA), words(RELEASE)]);
         // The newer snapshot's map came with the comparison: asked next, it runs nothing.
         assert_eq!(
             p.mapped_ranges(&sid("db")).await.unwrap(),
             Some(vec![(0, 1024 * kib), (2048 * kib, 65536 * kib)])
         );
-        assert_eq!(f.calls().len(), 6);
+        assert_eq!(f.calls().len(), 5);
     }
 
     #[tokio::test]
@@ -1521,7 +1550,7 @@ mod tests {
         let changed = p.changed_ranges(&sid("da"), &sid("db")).await.unwrap();
         assert_eq!(changed.map(|c| c.len()), Some(2));
         assert_eq!(
-            f.calls()[3..],
+            f.calls()[2..],
             [
                 words(RESERVE),
                 words(RELEASE),
@@ -1551,7 +1580,7 @@ mod tests {
             "{e}"
         );
         assert_eq!(f.calls().last(), Some(&words(RELEASE)));
-        assert_eq!(f.calls().len(), 6);
+        assert_eq!(f.calls().len(), 5);
 
         // Output this parser does not know: an error too (the backup then reads everything).
         let (_f, p) = tracked(vec![
@@ -1564,6 +1593,25 @@ mod tests {
             p.changed_ranges(&sid("da"), &sid("db")).await,
             Err(AgentError::Parse { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn a_missing_snapshot_is_named_when_the_joint_lookup_fails() {
+        let (f, p) = thin(vec![
+            captured("lvs-lv-missing"),
+            ok(report(&[lv_as(
+                "_snapshot-9c0d",
+                &[("lv_name", "_snapshot-da")],
+            )])),
+            captured("lvs-lv-missing"),
+        ]);
+        p.tracking.store(TRACKING_ON, Ordering::Relaxed);
+        let e = p.changed_ranges(&sid("da"), &sid("db")).await.unwrap_err();
+        assert!(
+            matches!(&e, AgentError::SnapshotNotFound(id) if id.as_str() == "db"),
+            "{e:?}"
+        );
+        assert_eq!(f.calls().len(), 3);
     }
 
     #[tokio::test]
@@ -1586,19 +1634,16 @@ mod tests {
             "_snapshot-9c0d",
             &[("lv_name", "_snapshot-db"), ("lv_tags", &tags)],
         );
-        let (f, p) = thin(vec![
-            ok(report(&[lv_as(
-                "_snapshot-9c0d",
-                &[("lv_name", "_snapshot-da")],
-            )])),
-            ok(report(&[grown])),
-        ]);
+        let (f, p) = thin(vec![ok(report(&[
+            lv_as("_snapshot-9c0d", &[("lv_name", "_snapshot-da")]),
+            grown,
+        ]))]);
         p.tracking.store(TRACKING_ON, Ordering::Relaxed);
         assert_eq!(
             p.changed_ranges(&sid("da"), &sid("db")).await.unwrap(),
             None
         );
-        assert_eq!(f.calls().len(), 2);
+        assert_eq!(f.calls().len(), 1);
     }
 
     #[tokio::test]
@@ -1618,7 +1663,7 @@ mod tests {
                 &[("lv_tags", &all.join(","))],
             )]))
         };
-        let (f, p) = thin(vec![with(&before), done(), with(&after)]);
+        let (f, p) = thin(vec![with(&before), done()]);
         let rec = p.set_snapshot_metadata(&sid("9c0d"), &after).await.unwrap();
         assert_eq!(rec.metadata, after);
         let mut want = vec!["lvm".to_owned(), "lvchange".to_owned()];
@@ -1630,7 +1675,7 @@ mod tests {
         }
         want.push("cbfix/_snapshot-9c0d".into());
         assert_eq!(f.calls()[1], want);
-        assert_eq!(f.calls().len(), 3);
+        assert_eq!(f.calls().len(), 2);
     }
 
     #[tokio::test]

@@ -304,6 +304,11 @@ pub fn lvs(vg: &str, lv: Option<&str>) -> LvmCmd {
     report("lvs", vg, LV_FIELDS).arg(target)
 }
 
+/// `lvs` of some LVs of `vg`, named: one report for all of them.
+pub fn lvs_named(vg: &str, lvs: &[&str]) -> LvmCmd {
+    report("lvs", vg, LV_FIELDS).args(lvs.iter().map(|lv| format!("{vg}/{lv}")))
+}
+
 /// `lvs` of the thin device ids of some thin LVs of `vg`: the ids the thin pool's metadata
 /// knows them by.
 pub fn thin_ids(vg: &str, lvs: &[&str]) -> LvmCmd {

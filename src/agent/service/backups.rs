@@ -527,8 +527,9 @@ impl AgentService {
     }
 
     /// Turns the temporary snapshot of backup `id`, just completed, into the volume's marker
-    /// and deletes the volume's older markers. False (the snapshot is then deleted as any
-    /// temporary one) when it cannot be marked.
+    /// and deletes the volume's older markers (if any are left: `run_backup` deletes them
+    /// while the data is read). False (the snapshot is then deleted as any temporary one)
+    /// when it cannot be marked.
     async fn make_marker(&self, volume: &VolumeId, snap: &SnapshotId, id: &BackupId) -> bool {
         let md = BTreeMap::from([(MARKER_KEY.to_owned(), id.to_string())]);
         let marked = match self.get_snapshot(snap) {
@@ -743,15 +744,29 @@ impl AgentService {
 
     async fn run_backup(&self, t: BackupTask) {
         let started = Instant::now();
-        let result = engine::backup(
-            t.repo.clone(),
-            &t.id,
-            &t.source,
-            t.parent.clone(),
-            &self.backups.settings,
-            &t.progress,
-        )
-        .await;
+        // The volume's older markers served their comparison (`unchanged_since`): they are
+        // deleted while the data is read, not after it. A backup that fails leaves the
+        // volume without a marker then, and its next incremental reads every chunk.
+        let older_markers = async {
+            if let (true, Some(snap)) = (t.keep_marker, &t.temp) {
+                for old in self.markers(Some(&t.volume)) {
+                    if &old.id != snap {
+                        self.delete_marker(&old).await;
+                    }
+                }
+            }
+        };
+        let (result, ()) = tokio::join!(
+            engine::backup(
+                t.repo.clone(),
+                &t.id,
+                &t.source,
+                t.parent.clone(),
+                &self.backups.settings,
+                &t.progress,
+            ),
+            older_markers
+        );
         if let Some(snap) = &t.temp {
             let marked = match &result {
                 Ok(_) if t.keep_marker => self.make_marker(&t.volume, snap, &t.id).await,
