@@ -371,31 +371,40 @@ impl LvmPool {
         Err(AgentError::SnapshotNotFound(id.clone()))
     }
 
-    /// Two complete snapshots of this pool, read in one `lvs`; when that fails (one is
-    /// missing, say), each is looked up alone, for the error that names it.
-    async fn find_snapshots(
+    /// Complete thin snapshots of this pool, in the order asked, read in one `lvs` with
+    /// their thin ids; when that fails (one is missing, say), each is looked up alone, for
+    /// the error that names it.
+    async fn find_thin_snapshots(
         &self,
-        a: &SnapshotId,
-        b: &SnapshotId,
-    ) -> Result<[(Lv, SnapshotTags); 2], AgentError> {
-        let names = [snapshot_lv(a), snapshot_lv(b)];
-        let c = cmd::lvs_named(&self.vg, &[&names[0], &names[1]]);
+        ids: &[&SnapshotId],
+    ) -> Result<Vec<(Lv, SnapshotTags)>, AgentError> {
+        let mut names: Vec<String> = ids.iter().map(|id| snapshot_lv(id)).collect();
+        names.dedup();
+        let c = cmd::lvs_named(
+            &self.vg,
+            &names.iter().map(String::as_str).collect::<Vec<_>>(),
+        );
         if let Ok(lvs) = cmd::lvm(&self.runner, &c)
             .await
             .and_then(|out| cmd::parse_lvs(&out.stdout))
         {
-            let complete = |name: &str| {
+            let complete = |id: &&SnapshotId| {
+                let name = snapshot_lv(id);
                 let lv = lvs.iter().find(|l| l.name == name && self.in_pool(l))?;
                 match self.ours(lv) {
                     Some(Ours::Snapshot(_, t)) if !t.creating => Some((lv.clone(), t)),
                     _ => None,
                 }
             };
-            if let (Some(x), Some(y)) = (complete(&names[0]), complete(&names[1])) {
-                return Ok([x, y]);
+            if let Some(found) = ids.iter().map(complete).collect::<Option<Vec<_>>>() {
+                return Ok(found);
             }
         }
-        Ok([self.find_snapshot(a).await?, self.find_snapshot(b).await?])
+        let mut found = Vec::with_capacity(ids.len());
+        for id in ids {
+            found.push(self.find_snapshot(id).await?);
+        }
+        Ok(found)
     }
 
     async fn volume_now(&self, id: &VolumeId) -> Result<VolumeRecord, AgentError> {
@@ -416,8 +425,8 @@ impl LvmPool {
         raw.round_up(ext).unwrap_or(raw).max(ext)
     }
 
-    /// `thin_delta` between thin LVs `a` and `b` of this (thin) pool: their thin ids, then
-    /// the comparison on a metadata snapshot, in the VG's turn (one metadata snapshot per
+    /// `thin_delta` between thin LVs `a` and `b` of this (thin) pool: their thin ids (from
+    /// their report when it has them, else asked), then the comparison on a metadata snapshot, in the VG's turn (one metadata snapshot per
     /// pool, and no LVM change beside it).
     async fn compare(&self, a: &Lv, b: &Lv) -> Result<thin::Delta, AgentError> {
         let pool = self.thin_pool.as_deref().ok_or_else(|| {
@@ -429,21 +438,26 @@ impl LvmPool {
         } else {
             vec![&a.name, &b.name]
         };
-        let c = cmd::thin_ids(&self.vg, &names);
-        let out = cmd::lvm(&self.runner, &c)
-            .await
-            .map_err(|e| self.fail(context(), e))?;
-        let ids = cmd::parse_thin_ids(&out.stdout).map_err(|e| self.fail(context(), e))?;
-        let id = |lv: &Lv| {
-            ids.iter()
-                .find(|(n, _)| n == &lv.name)
-                .map(|(_, id)| *id)
-                .ok_or_else(|| AgentError::Parse {
-                    tool: "lvm",
-                    reason: format!("no thin id of {} in the report", lv.name),
-                })
+        let pair = match (a.thin_id, b.thin_id) {
+            (Some(x), Some(y)) => (x, y),
+            _ => {
+                let c = cmd::thin_ids(&self.vg, &names);
+                let out = cmd::lvm(&self.runner, &c)
+                    .await
+                    .map_err(|e| self.fail(context(), e))?;
+                let ids = cmd::parse_thin_ids(&out.stdout).map_err(|e| self.fail(context(), e))?;
+                let id = |lv: &Lv| {
+                    ids.iter()
+                        .find(|(n, _)| n == &lv.name)
+                        .map(|(_, id)| *id)
+                        .ok_or_else(|| AgentError::Parse {
+                            tool: "lvm",
+                            reason: format!("no thin id of {} in the report", lv.name),
+                        })
+                };
+                (id(a)?, id(b)?)
+            }
         };
-        let pair = (id(a)?, id(b)?);
         let _turn = cmd::vg_turn(&self.vg).await;
         thin::compare(&self.runner, (&self.vg, pool), pair)
             .await
@@ -1055,7 +1069,13 @@ impl Backend for LvmPool {
         if !self.tracks_changes() {
             return Ok(None);
         }
-        let [(a, ta), (b, tb)] = self.find_snapshots(before, after).await?;
+        let mut found = self
+            .find_thin_snapshots(&[before, after])
+            .await?
+            .into_iter();
+        let (Some((a, ta)), Some((b, tb))) = (found.next(), found.next()) else {
+            return Err(AgentError::SnapshotNotFound(after.clone()));
+        };
         // Grown in between: the new end is not in the older snapshot (read everything, as
         // the file pool does).
         if ta.size != tb.size {
@@ -1086,7 +1106,9 @@ impl Backend for LvmPool {
         if hit.is_some() {
             return Ok(hit);
         }
-        let (lv, t) = self.find_snapshot(id).await?;
+        let Some((lv, t)) = self.find_thin_snapshots(&[id]).await?.pop() else {
+            return Err(AgentError::SnapshotNotFound(id.clone()));
+        };
         let d = self.compare(&lv, &lv).await?;
         Ok(Some(within(d.mapped, t.size)))
     }
@@ -1455,11 +1477,16 @@ mod tests {
         assert_eq!(f.calls(), vec![lvs_all(), lvm_argv(cmd::vgs("cbfix"))]);
     }
 
-    /// Two thin snapshots of volume-7a8b named as in the captured `thin_delta` run, with
-    /// their lookup (one `lvs` of both) as the fake's first reply; the pool tracks changes.
+    /// Two thin snapshots of volume-7a8b named, and numbered, as in the captured
+    /// `thin_delta` run, with their lookup (one `lvs` of both, thin ids included) as the
+    /// fake's first reply; the pool tracks changes.
     fn tracked(mut rest: Vec<Reply>) -> (Fake, LvmPool) {
-        let snap = |name: &str| lv_as("_snapshot-9c0d", &[("lv_name", name)]);
-        let mut replies = vec![ok(report(&[snap("_snapshot-da"), snap("_snapshot-db")]))];
+        let snap =
+            |name: &str, id: &str| lv_as("_snapshot-9c0d", &[("lv_name", name), ("thin_id", id)]);
+        let mut replies = vec![ok(report(&[
+            snap("_snapshot-da", "5"),
+            snap("_snapshot-db", "6"),
+        ]))];
         replies.append(&mut rest);
         let (f, p) = thin(replies);
         p.tracking.store(TRACKING_ON, Ordering::Relaxed);
@@ -1473,12 +1500,7 @@ mod tests {
 
     #[tokio::test]
     async fn changed_ranges_come_from_thin_delta_on_a_held_metadata_snapshot() {
-        let (f, p) = tracked(vec![
-            ok(fixture("lvs-thin-id.json")),
-            done(),
-            ok(fixture("thin_delta.txt")),
-            done(),
-        ]);
+        let (f, p) = tracked(vec![done(), ok(fixture("thin_delta.txt")), done()]);
         let changed = p
             .changed_ranges(&sid("da"), &sid("db"))
             .await
@@ -1494,21 +1516,19 @@ mod tests {
             calls[0],
             lvm_argv(cmd::lvs_named("cbfix", &["_snapshot-da", "_snapshot-db"]))
         );
-        assert_eq!(
-            calls[1],
-            lvm_argv(cmd::thin_ids("cbfix", &["_snapshot-da", "_snapshot-db"]))
-        );
-        assert_eq!(calls[2..], [words(RESERVE), words(DELTA), words(RELEASE)]);
+        // The thin ids came with the lookup.
+        assert_eq!(calls[1..], [words(RESERVE), words(DELTA), words(RELEASE)]);
         // The newer snapshot's map came with the comparison: asked next, it runs nothing.
         assert_eq!(
             p.mapped_ranges(&sid("db")).await.unwrap(),
             Some(vec![(0, 1024 * kib), (2048 * kib, 65536 * kib)])
         );
-        assert_eq!(f.calls().len(), 5);
+        assert_eq!(f.calls().len(), 4);
     }
 
     #[tokio::test]
     async fn mapped_ranges_are_thin_delta_of_the_snapshot_with_itself() {
+        // A report without the thin id (an LVM that does not fill it in): it is asked for.
         let (f, p) = thin(vec![
             ok(report(&[lv_as(
                 "_snapshot-9c0d",
@@ -1527,6 +1547,10 @@ mod tests {
         );
         let calls = f.calls();
         assert_eq!(
+            calls[0],
+            lvm_argv(cmd::lvs_named("cbfix", &["_snapshot-db"]))
+        );
+        assert_eq!(
             calls[1],
             lvm_argv(cmd::thin_ids("cbfix", &["_snapshot-db"]))
         );
@@ -1540,7 +1564,6 @@ mod tests {
     #[tokio::test]
     async fn a_metadata_snapshot_left_held_is_released_and_taken_again() {
         let (f, p) = tracked(vec![
-            ok(fixture("lvs-thin-id.json")),
             captured("dmsetup-reserve-busy"),
             done(),
             done(),
@@ -1550,7 +1573,7 @@ mod tests {
         let changed = p.changed_ranges(&sid("da"), &sid("db")).await.unwrap();
         assert_eq!(changed.map(|c| c.len()), Some(2));
         assert_eq!(
-            f.calls()[2..],
+            f.calls()[1..],
             [
                 words(RESERVE),
                 words(RELEASE),
@@ -1568,23 +1591,17 @@ mod tests {
             stdout: String::new(),
             stderr: "no current metadata snap".into(),
         };
-        let (f, p) = tracked(vec![
-            ok(fixture("lvs-thin-id.json")),
-            done(),
-            failed,
-            done(),
-        ]);
+        let (f, p) = tracked(vec![done(), failed, done()]);
         let e = p.changed_ranges(&sid("da"), &sid("db")).await.unwrap_err();
         assert!(
             e.to_string().contains("comparing thin devices 5 and 6"),
             "{e}"
         );
         assert_eq!(f.calls().last(), Some(&words(RELEASE)));
-        assert_eq!(f.calls().len(), 5);
+        assert_eq!(f.calls().len(), 4);
 
         // Output this parser does not know: an error too (the backup then reads everything).
         let (_f, p) = tracked(vec![
-            ok(fixture("lvs-thin-id.json")),
             done(),
             ok("<superblock data_block_size=\"128\">\n<mapped begin=\"0\"/>\n"),
             done(),

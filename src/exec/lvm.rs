@@ -304,9 +304,11 @@ pub fn lvs(vg: &str, lv: Option<&str>) -> LvmCmd {
     report("lvs", vg, LV_FIELDS).arg(target)
 }
 
-/// `lvs` of some LVs of `vg`, named: one report for all of them.
+/// `lvs` of some thin LVs of `vg`, named: one report for all of them, with their thin
+/// device ids (`Lv::thin_id`).
 pub fn lvs_named(vg: &str, lvs: &[&str]) -> LvmCmd {
-    report("lvs", vg, LV_FIELDS).args(lvs.iter().map(|lv| format!("{vg}/{lv}")))
+    report("lvs", vg, &format!("{LV_FIELDS},thin_id"))
+        .args(lvs.iter().map(|lv| format!("{vg}/{lv}")))
 }
 
 /// `lvs` of the thin device ids of some thin LVs of `vg`: the ids the thin pool's metadata
@@ -375,6 +377,9 @@ pub struct Lv {
     pub created: Option<SystemTime>,
     /// Active on this host; `None` when LVM cannot tell (no device-mapper).
     pub active: Option<bool>,
+    /// The id the thin pool's metadata knows a thin LV by, where the report has it
+    /// ([`lvs_named`]).
+    pub thin_id: Option<u64>,
 }
 
 impl Lv {
@@ -459,6 +464,8 @@ struct RawLv {
     data_percent: String,
     lv_time: String,
     lv_active: String,
+    #[serde(default)]
+    thin_id: String,
 }
 
 #[derive(Deserialize)]
@@ -510,6 +517,13 @@ pub fn parse_lvs(json: &str) -> Result<Vec<Lv>, LvmError> {
             "" => Some(false),
             _ => None,
         };
+        let thin_id = match raw.thin_id.as_str() {
+            "" => None,
+            id => Some(
+                id.parse::<u64>()
+                    .map_err(|_| parse_err(c, format!("thin_id {id:?}")))?,
+            ),
+        };
         out.push(Lv {
             size: Bytes(num(c, "lv_size", &raw.lv_size)?),
             tags: raw
@@ -526,6 +540,7 @@ pub fn parse_lvs(json: &str) -> Result<Vec<Lv>, LvmError> {
             data_percent,
             created,
             active,
+            thin_id,
         });
     }
     Ok(out)
@@ -841,6 +856,35 @@ mod tests {
     }
 
     #[test]
+    fn a_named_report_carries_thin_ids() {
+        let c = lvs_named("cbfix", &["_snapshot-da", "_snapshot-db"]);
+        let fields = format!("{LV_FIELDS},thin_id");
+        assert_eq!(
+            &c.argv()[8..],
+            s(&["-o", &fields, "cbfix/_snapshot-da", "cbfix/_snapshot-db"])
+        );
+        // The captured rows with a thin id added as LVM prints it: a number for a thin LV,
+        // empty for a thick one.
+        let mut report: serde_json::Value = serde_json::from_str(&fixture("lvs.json")).unwrap();
+        for lv in report["report"][0]["lv"].as_array_mut().unwrap() {
+            let id = if lv["lv_name"] == "_snapshot-9c0d" {
+                "6"
+            } else {
+                ""
+            };
+            lv["thin_id"] = id.into();
+        }
+        let lvs = parse_lvs(&report.to_string()).unwrap();
+        let id = |n: &str| lvs.iter().find(|l| l.name == n).unwrap().thin_id;
+        assert_eq!((id("_snapshot-9c0d"), id("volume-0a1b")), (Some(6), None));
+        report["report"][0]["lv"][0]["thin_id"] = "six".into();
+        assert!(matches!(
+            parse_lvs(&report.to_string()),
+            Err(LvmError::Parse { .. })
+        ));
+    }
+
+    #[test]
     fn thin_ids_of_the_captured_snapshots() {
         let c = thin_ids("cbfix", &["_snapshot-da", "_snapshot-db"]);
         assert_eq!(
@@ -976,6 +1020,7 @@ mod tests {
                 data_percent: None,
                 created: at(1795312164),
                 active: Some(true),
+                thin_id: None,
             }
         );
         // A thick snapshot: its size is the COW area, attribute `s`.
@@ -992,6 +1037,7 @@ mod tests {
                 data_percent: Some(12.60),
                 created: at(1795312168),
                 active: Some(true),
+                thin_id: None,
             }
         );
         assert_eq!(
@@ -1007,6 +1053,7 @@ mod tests {
                 data_percent: Some(6.25),
                 created: at(1795312216),
                 active: Some(true),
+                thin_id: None,
             }
         );
         let pool = by("pool0");
