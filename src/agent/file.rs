@@ -255,8 +255,9 @@ impl FilePool {
     /// block counted once (by `FIEMAP`; a sum of the files' own allocations counts a block
     /// once per file sharing it), and of those the bytes only change-tracking markers hold.
     /// `None` without reflinks (each file's blocks are its own) or when an image cannot be
-    /// mapped (deleted meanwhile): the caller sums the files' allocations instead.
-    fn shared_allocation(
+    /// mapped (deleted meanwhile): the caller sums the files' allocations instead. The maps
+    /// are read on a blocking thread: a pool of many fragmented images takes a while.
+    async fn shared_allocation(
         &self,
         vols: &[VolumeRecord],
         snaps: &[SnapshotRecord],
@@ -264,20 +265,34 @@ impl FilePool {
         if !self.tracks_changes() {
             return None;
         }
-        let (mut kept, mut markers) = (Vec::new(), Vec::new());
-        for v in vols {
-            kept.extend(tracking::extents(&self.vol_img(&v.id)).ok()?);
-        }
-        for s in snaps {
-            let e = tracking::extents(&self.snap_img(&s.id)).ok()?;
-            if s.marker_of().is_some() {
-                markers.extend(e);
-            } else {
-                kept.extend(e);
-            }
-        }
-        let all = tracking::distinct_bytes(kept.iter().chain(&markers));
-        Some((all, all.saturating_sub(tracking::distinct_bytes(&kept))))
+        let kept: Vec<PathBuf> = vols
+            .iter()
+            .map(|v| self.vol_img(&v.id))
+            .chain(
+                snaps
+                    .iter()
+                    .filter(|s| s.marker_of().is_none())
+                    .map(|s| self.snap_img(&s.id)),
+            )
+            .collect();
+        let markers: Vec<PathBuf> = snaps
+            .iter()
+            .filter(|s| s.marker_of().is_some())
+            .map(|s| self.snap_img(&s.id))
+            .collect();
+        let count = move || {
+            let map = |paths: &[PathBuf]| -> Option<Vec<tracking::Extent>> {
+                let mut all = Vec::new();
+                for p in paths {
+                    all.extend(tracking::extents(p).ok()?);
+                }
+                Some(all)
+            };
+            let (kept, markers) = (map(&kept)?, map(&markers)?);
+            let all = tracking::distinct_bytes(kept.iter().chain(&markers));
+            Some((all, all.saturating_sub(tracking::distinct_bytes(&kept))))
+        };
+        tokio::task::spawn_blocking(count).await.ok().flatten()
     }
 
     /// Makes `dst` a copy of `src` sized `size`: a reflink where the filesystem can, else a
@@ -355,7 +370,7 @@ impl Backend for FilePool {
     async fn stats(&self) -> Result<PoolStats, AgentError> {
         let vols = self.volumes().await?;
         let mut snaps = self.snapshots().await?;
-        let shared = self.shared_allocation(&vols, &snaps);
+        let shared = self.shared_allocation(&vols, &snaps).await;
         snaps.retain(|s| s.marker_of().is_none());
         let provisioned: u64 = vols
             .iter()
