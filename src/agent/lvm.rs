@@ -1484,8 +1484,8 @@ mod tests {
         let snap =
             |name: &str, id: &str| lv_as("_snapshot-9c0d", &[("lv_name", name), ("thin_id", id)]);
         let mut replies = vec![ok(report(&[
-            snap("_snapshot-da", "5"),
-            snap("_snapshot-db", "6"),
+            snap("_snapshot-da", "6"),
+            snap("_snapshot-db", "7"),
         ]))];
         replies.append(&mut rest);
         let (f, p) = thin(replies);
@@ -1496,7 +1496,7 @@ mod tests {
     const RESERVE: &str = "dmsetup message cbfix-pool0-tpool 0 reserve_metadata_snap";
     const RELEASE: &str = "dmsetup message cbfix-pool0-tpool 0 release_metadata_snap";
     const DELTA: &str =
-        "thin_delta --metadata-snap --snap1 5 --snap2 6 /dev/mapper/cbfix-pool0_tmeta";
+        "thin_delta --metadata-snap --snap1 6 --snap2 7 /dev/mapper/cbfix-pool0_tmeta";
 
     #[tokio::test]
     async fn changed_ranges_come_from_thin_delta_on_a_held_metadata_snapshot() {
@@ -1556,7 +1556,7 @@ mod tests {
         );
         assert_eq!(
             calls[3],
-            words("thin_delta --metadata-snap --snap1 6 --snap2 6 /dev/mapper/cbfix-pool0_tmeta")
+            words("thin_delta --metadata-snap --snap1 7 --snap2 7 /dev/mapper/cbfix-pool0_tmeta")
         );
         assert_eq!(calls.len(), 5);
     }
@@ -1594,7 +1594,7 @@ mod tests {
         let (f, p) = tracked(vec![done(), failed, done()]);
         let e = p.changed_ranges(&sid("da"), &sid("db")).await.unwrap_err();
         assert!(
-            e.to_string().contains("comparing thin devices 5 and 6"),
+            e.to_string().contains("comparing thin devices 6 and 7"),
             "{e}"
         );
         assert_eq!(f.calls().last(), Some(&words(RELEASE)));

@@ -863,8 +863,23 @@ mod tests {
             &c.argv()[8..],
             s(&["-o", &fields, "cbfix/_snapshot-da", "cbfix/_snapshot-db"])
         );
-        // The captured rows with a thin id added as LVM prints it: a number for a thin LV,
-        // empty for a thick one.
+        // Captured: the thin ids are those the separate report gives.
+        let lvs = parse_lvs(&fixture("lvs-named-thin.json")).unwrap();
+        let ids: Vec<(String, u64)> = lvs
+            .iter()
+            .map(|l| (l.name.clone(), l.thin_id.unwrap()))
+            .collect();
+        assert_eq!(ids, parse_thin_ids(&fixture("lvs-thin-id.json")).unwrap());
+        assert_eq!(
+            (
+                lvs[1].size,
+                lvs[1].origin.as_deref(),
+                lvs[1].pool.as_deref()
+            ),
+            (Bytes::mib(64), Some("volume-d1"), Some("pool0"))
+        );
+        // The other captured rows with a thin id added as LVM prints it: a number for a thin
+        // LV, empty for a thick one; anything else is refused.
         let mut report: serde_json::Value = serde_json::from_str(&fixture("lvs.json")).unwrap();
         for lv in report["report"][0]["lv"].as_array_mut().unwrap() {
             let id = if lv["lv_name"] == "_snapshot-9c0d" {
@@ -899,8 +914,8 @@ mod tests {
         assert_eq!(
             parse_thin_ids(&fixture("lvs-thin-id.json")).unwrap(),
             vec![
-                ("_snapshot-da".to_owned(), 5),
-                ("_snapshot-db".to_owned(), 6)
+                ("_snapshot-da".to_owned(), 6),
+                ("_snapshot-db".to_owned(), 7)
             ]
         );
         // A thick LV has no thin id.
