@@ -426,21 +426,19 @@ impl LvmPool {
     }
 
     /// `thin_delta` between thin LVs `a` and `b` of this (thin) pool: their thin ids (from
-    /// their report when it has them, else asked), then the comparison on a metadata snapshot, in the VG's turn (one metadata snapshot per
-    /// pool, and no LVM change beside it).
+    /// their report when it has them, else asked), then the comparison on a metadata
+    /// snapshot, in the VG's turn (one metadata snapshot per pool, and no LVM change beside
+    /// it).
     async fn compare(&self, a: &Lv, b: &Lv) -> Result<thin::Delta, AgentError> {
         let pool = self.thin_pool.as_deref().ok_or_else(|| {
             AgentError::InvalidArgument(format!("pool {} is not a thin pool", self.name))
         })?;
-        let context = || format!("reading thin ids of {} and {}", a.name, b.name);
-        let names: Vec<&str> = if a.name == b.name {
-            vec![&a.name]
-        } else {
-            vec![&a.name, &b.name]
-        };
         let pair = match (a.thin_id, b.thin_id) {
             (Some(x), Some(y)) => (x, y),
             _ => {
+                let context = || format!("reading thin ids of {} and {}", a.name, b.name);
+                let mut names = vec![a.name.as_str(), b.name.as_str()];
+                names.dedup();
                 let c = cmd::thin_ids(&self.vg, &names);
                 let out = cmd::lvm(&self.runner, &c)
                     .await

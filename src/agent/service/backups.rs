@@ -547,12 +547,17 @@ impl AgentService {
             }
         };
         write(&self.index).snapshots.insert(rec.id.clone(), rec);
+        self.delete_older_markers(volume, snap).await;
+        true
+    }
+
+    /// Deletes the markers of `volume` other than `keep`.
+    async fn delete_older_markers(&self, volume: &VolumeId, keep: &SnapshotId) {
         for old in self.markers(Some(volume)) {
-            if &old.id != snap {
+            if &old.id != keep {
                 self.delete_marker(&old).await;
             }
         }
-        true
     }
 
     /// Deletes a change-tracking marker; a failure is logged (the next backup of the volume,
@@ -749,11 +754,7 @@ impl AgentService {
         // volume without a marker then, and its next incremental reads every chunk.
         let older_markers = async {
             if let (true, Some(snap)) = (t.keep_marker, &t.temp) {
-                for old in self.markers(Some(&t.volume)) {
-                    if &old.id != snap {
-                        self.delete_marker(&old).await;
-                    }
-                }
+                self.delete_older_markers(&t.volume, snap).await;
             }
         };
         let (result, ()) = tokio::join!(
