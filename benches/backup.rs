@@ -5,7 +5,9 @@
 //! - full backup MB/s vs `zstd -T0 -3 | sha256sum` (compress and hash, nothing written);
 //! - full backup MB/s vs `restic backup --stdin` into a local repository (skipped when
 //!   restic is not installed);
-//! - all-zero volume vs random volume (zeros are detected, never hashed or stored);
+//! - all-zero volume vs random volume (zeros are detected, never hashed or stored): once
+//!   with the zeros written (read, and found zero), once never written (a sparse volume,
+//!   whose map leaves nothing to read);
 //! - incremental after 1% changed vs full (time, and bytes stored);
 //! - restore MB/s vs `zstd -d | dd` of the same bytes;
 //! - peak RSS of the process during the full backup (VmHWM, reset just before) against its
@@ -16,8 +18,8 @@
 //! detected). Volumes and baseline outputs are removed once measured, so the run needs about
 //! three volumes of disk under `TMPDIR` (default /var/tmp). To profile one backup,
 //! `CINDERBLOCK_BENCH_BACKUP_ONLY=full` stops after the full backup's first line, and
-//! `=incremental` runs only the full and the incremental, `=zeros` only the all-zero and
-//! the random volumes; `CINDERBLOCK_BENCH_BACKUP_IN_FLIGHT` overrides `[backup]
+//! `=incremental` runs only the full and the incremental, `=zeros` only the all-zero
+//! (written and unwritten) and the random volumes; `CINDERBLOCK_BENCH_BACKUP_IN_FLIGHT` overrides `[backup]
 //! max_in_flight`. The goals are the issue's. stderr
 //! gets a note per backup (wall time, CPU time, share of the cores busy); stdout gets one
 //! line per figure in the project's bench format:
@@ -597,6 +599,11 @@ async fn zeros_vs_random(b: &mut Bench, size: u64) -> Result<(), String> {
         .await;
     let (t_zero, stored_zero) = b.backup(&zeros, "zeros", false).await;
     b.remove(&zeros).await;
+    // A volume never written (the usual all-zero volume of a sparse or thin pool): its map
+    // says there is nothing to read.
+    let empty = b.volume(|_, _| {}).await;
+    let (t_empty, stored_empty) = b.backup(&empty, "empty", false).await;
+    b.remove(&empty).await;
     let rand = b
         .volume(|f, size| {
             let mut off = 0;
@@ -619,8 +626,18 @@ async fn zeros_vs_random(b: &mut Bench, size: u64) -> Result<(), String> {
         mb_s(size, t_rand),
         ">= 10",
     );
-    if stored_zero > size / 500 {
-        return Err(format!("the all-zero volume stored {stored_zero} bytes"));
+    line(
+        "backup_all_zero_unwritten",
+        mb_s(size, t_empty),
+        "MB/s",
+        "backup_all_random",
+        mb_s(size, t_rand),
+        ">= 10",
+    );
+    for (what, stored) in [("all-zero", stored_zero), ("unwritten", stored_empty)] {
+        if stored > size / 500 {
+            return Err(format!("the {what} volume stored {stored} bytes"));
+        }
     }
 
     Ok(())
