@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,22 @@ pub struct FilePool {
     capacity: Option<u64>,
     /// Whether the directory's file system makes reflinks (probed once, when first asked).
     reflinks: OnceLock<bool>,
+    /// The images' extent maps, kept while they do not change (see [`Self::stats`]).
+    maps: Arc<tracking::ExtentCache>,
+    /// The last shared allocation counted from exactly the kept maps, with the cache's
+    /// generation then: reused while it is the same. Locked for a read or a store, never
+    /// while counting.
+    counted: Arc<Mutex<Option<Counted>>>,
+}
+
+/// A pool's shared allocation (all bytes, markers' own bytes), with what it was counted
+/// from: the extent cache's generation and which images were markers (a snapshot becomes one
+/// without a change to its image).
+#[derive(Debug)]
+struct Counted {
+    generation: u64,
+    markers: Vec<PathBuf>,
+    sums: (u64, u64),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -155,6 +171,8 @@ impl FilePool {
             dir,
             capacity: cfg.capacity_bytes,
             reflinks: OnceLock::new(),
+            maps: Arc::new(tracking::ExtentCache::new(tracking::ExtentCache::SETTLED)),
+            counted: Arc::new(Mutex::new(None)),
         })
     }
 
@@ -256,7 +274,8 @@ impl FilePool {
     /// once per file sharing it), and of those the bytes only change-tracking markers hold.
     /// `None` without reflinks (each file's blocks are its own) or when an image cannot be
     /// mapped (deleted meanwhile): the caller sums the files' allocations instead. The maps
-    /// are read on a blocking thread: a pool of many fragmented images takes a while.
+    /// are read on a blocking thread, and kept while their files do not change: mapping a
+    /// pool of many fragmented images takes a while.
     async fn shared_allocation(
         &self,
         vols: &[VolumeRecord],
@@ -275,22 +294,34 @@ impl FilePool {
                     .map(|s| self.snap_img(&s.id)),
             )
             .collect();
-        let markers: Vec<PathBuf> = snaps
+        let mut markers: Vec<PathBuf> = snaps
             .iter()
             .filter(|s| s.marker_of().is_some())
             .map(|s| self.snap_img(&s.id))
             .collect();
+        markers.sort();
+        let (cache, counted) = (self.maps.clone(), self.counted.clone());
         let count = move || {
-            let map = |paths: &[PathBuf]| -> Option<Vec<tracking::Extent>> {
-                let mut all = Vec::new();
-                for p in paths {
-                    all.extend(tracking::extents(p).ok()?);
-                }
-                Some(all)
-            };
-            let (kept, markers) = (map(&kept)?, map(&markers)?);
-            let all = tracking::distinct_bytes(kept.iter().chain(&markers));
-            Some((all, all.saturating_sub(tracking::distinct_bytes(&kept))))
+            let n = kept.len();
+            let (maps, generation) = cache.maps(&[kept, markers.clone()].concat()).ok()?;
+            let reuse = |c: &Counted| Some(c.generation) == generation && c.markers == markers;
+            let last = counted.lock().unwrap_or_else(PoisonError::into_inner);
+            if let Some(c) = last.as_ref().filter(|c| reuse(c)) {
+                return Some(c.sums);
+            }
+            drop(last);
+            let (own, theirs) = maps.split_at(n);
+            let all = tracking::distinct_bytes(own.iter().chain(theirs).flat_map(|m| m.iter()));
+            let own = tracking::distinct_bytes(own.iter().flat_map(|m| m.iter()));
+            let sums = (all, all.saturating_sub(own));
+            if let Some(generation) = generation {
+                *counted.lock().unwrap_or_else(PoisonError::into_inner) = Some(Counted {
+                    generation,
+                    markers,
+                    sums,
+                });
+            }
+            Some(sums)
         };
         tokio::task::spawn_blocking(count).await.ok().flatten()
     }
@@ -635,11 +666,94 @@ mod tests {
             dir: dir.to_owned(),
             capacity: Some(Bytes::gib(1).0),
             reflinks: OnceLock::new(),
+            maps: Arc::new(tracking::ExtentCache::new(tracking::ExtentCache::SETTLED)),
+            counted: Arc::new(Mutex::new(None)),
         }
     }
 
     fn vid(s: &str) -> VolumeId {
         VolumeId::parse(s).unwrap()
+    }
+
+    /// A real XFS (reflinks on) on a loop device over a sparse file in `dir`, unmounted when
+    /// dropped. Needs root and xfsprogs, as the XFS tests in `tests/backup.rs`.
+    struct Xfs(PathBuf);
+
+    impl Xfs {
+        fn mount(dir: &Path) -> Xfs {
+            let (image, mount) = (dir.join("xfs.img"), dir.join("xfs"));
+            std::fs::create_dir_all(&mount).unwrap();
+            std::fs::File::create(&image)
+                .and_then(|f| f.set_len(300 << 20))
+                .unwrap();
+            let run = |cmd: &mut std::process::Command| {
+                let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+                assert!(out.status.success(), "{cmd:?}: {out:?}");
+            };
+            run(std::process::Command::new("mkfs.xfs")
+                .args(["-q", "-m", "reflink=1"])
+                .arg(&image));
+            run(std::process::Command::new("mount")
+                .args(["-o", "loop"])
+                .arg(&image)
+                .arg(&mount));
+            Xfs(mount)
+        }
+    }
+
+    impl Drop for Xfs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+        }
+    }
+
+    #[tokio::test]
+    async fn kept_extent_maps_count_the_same_and_follow_a_snapshot_turned_marker() {
+        let dir = tempfile::tempdir().unwrap();
+        let xfs = Xfs::mount(dir.path());
+        let p = FilePool {
+            dir: xfs.0.join("pool"),
+            maps: Arc::new(tracking::ExtentCache::new(Duration::ZERO)),
+            ..pool(dir.path())
+        };
+        p.open().await.unwrap();
+        let v = p.create(&new_vol("v1", 4, None)).await.unwrap();
+        let write = |at: u64, mib: usize| {
+            use std::os::unix::fs::FileExt;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(p.volume_path(&v.id))
+                .unwrap();
+            f.write_all_at(&vec![7u8; mib << 20], at << 20).unwrap();
+        };
+        write(0, 4);
+        let s = p
+            .snapshot(&NewSnapshot {
+                id: SnapshotId::parse("s1").unwrap(),
+                source_volume: v.id.clone(),
+                metadata: BTreeMap::new(),
+            })
+            .await
+            .unwrap();
+        let space = || async {
+            let st = p.stats().await.unwrap();
+            (st.allocated, st.tracking, p.maps.mapped())
+        };
+        // The snapshot shares the volume's 4 MiB; both images mapped, then taken as kept.
+        let mib = |n| Bytes::mib(n);
+        assert_eq!(space().await, (mib(4), Some(Bytes(0)), 2));
+        assert_eq!(space().await, (mib(4), Some(Bytes(0)), 2));
+        // A rewritten MiB moves: only the volume is mapped again.
+        write(1, 1);
+        assert_eq!(space().await, (mib(5), Some(Bytes(0)), 3));
+        // Made a marker (its record only): nothing is mapped, and the MiB only it holds now
+        // counts as the marker's.
+        let md = BTreeMap::from([(MARKER_KEY.to_owned(), v.id.to_string())]);
+        p.set_snapshot_metadata(&s.id, &md).await.unwrap();
+        assert_eq!(space().await, (mib(5), Some(Bytes::mib(1)), 3));
+        // Gone: counted without it, from the map already kept.
+        p.delete_snapshot(&s.id).await.unwrap();
+        assert_eq!(space().await, (mib(4), Some(Bytes(0)), 3));
     }
 
     fn new_vol(id: &str, mib: u64, source: Option<Source>) -> NewVolume {
