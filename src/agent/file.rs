@@ -171,7 +171,10 @@ impl FilePool {
             dir,
             capacity: cfg.capacity_bytes,
             reflinks: OnceLock::new(),
-            maps: Arc::new(tracking::ExtentCache::new(tracking::ExtentCache::SETTLED)),
+            maps: Arc::new(tracking::ExtentCache::new(
+                tracking::ExtentCache::SETTLED,
+                tracking::ExtentCache::MAX_EXTENTS,
+            )),
             counted: Arc::new(Mutex::new(None)),
         })
     }
@@ -666,7 +669,10 @@ mod tests {
             dir: dir.to_owned(),
             capacity: Some(Bytes::gib(1).0),
             reflinks: OnceLock::new(),
-            maps: Arc::new(tracking::ExtentCache::new(tracking::ExtentCache::SETTLED)),
+            maps: Arc::new(tracking::ExtentCache::new(
+                tracking::ExtentCache::SETTLED,
+                tracking::ExtentCache::MAX_EXTENTS,
+            )),
             counted: Arc::new(Mutex::new(None)),
         }
     }
@@ -713,7 +719,10 @@ mod tests {
         let xfs = Xfs::mount(dir.path());
         let p = FilePool {
             dir: xfs.0.join("pool"),
-            maps: Arc::new(tracking::ExtentCache::new(Duration::ZERO)),
+            maps: Arc::new(tracking::ExtentCache::new(
+                Duration::ZERO,
+                tracking::ExtentCache::MAX_EXTENTS,
+            )),
             ..pool(dir.path())
         };
         p.open().await.unwrap();
