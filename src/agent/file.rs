@@ -166,17 +166,22 @@ impl FilePool {
         let dir = cfg.path.clone().ok_or_else(|| {
             AgentError::InvalidArgument(format!("file pool {} has no path", cfg.name))
         })?;
-        Ok(FilePool {
-            name: cfg.name.clone(),
+        Ok(Self::at(&cfg.name, dir, cfg.capacity_bytes))
+    }
+
+    /// The pool `name` over `dir`, nothing probed or cached yet.
+    fn at(name: &str, dir: PathBuf, capacity: Option<u64>) -> Self {
+        FilePool {
+            name: name.to_owned(),
             dir,
-            capacity: cfg.capacity_bytes,
+            capacity,
             reflinks: OnceLock::new(),
             maps: Arc::new(tracking::ExtentCache::new(
                 tracking::ExtentCache::SETTLED,
                 tracking::ExtentCache::MAX_EXTENTS,
             )),
             counted: Arc::new(Mutex::new(None)),
-        })
+        }
     }
 
     fn vol_img(&self, id: &VolumeId) -> PathBuf {
@@ -664,17 +669,7 @@ mod tests {
     use crate::agent::backend::MARKER_KEY;
 
     fn pool(dir: &Path) -> FilePool {
-        FilePool {
-            name: "f1".into(),
-            dir: dir.to_owned(),
-            capacity: Some(Bytes::gib(1).0),
-            reflinks: OnceLock::new(),
-            maps: Arc::new(tracking::ExtentCache::new(
-                tracking::ExtentCache::SETTLED,
-                tracking::ExtentCache::MAX_EXTENTS,
-            )),
-            counted: Arc::new(Mutex::new(None)),
-        }
+        FilePool::at("f1", dir.to_owned(), Some(Bytes::gib(1).0))
     }
 
     fn vid(s: &str) -> VolumeId {
@@ -737,11 +732,7 @@ mod tests {
         };
         write(0, 4);
         let s = p
-            .snapshot(&NewSnapshot {
-                id: SnapshotId::parse("s1").unwrap(),
-                source_volume: v.id.clone(),
-                metadata: BTreeMap::new(),
-            })
+            .snapshot(&new_snap("s1", &v.id, BTreeMap::new()))
             .await
             .unwrap();
         let space = || async {
@@ -763,6 +754,14 @@ mod tests {
         // Gone: counted without it, from the map already kept.
         p.delete_snapshot(&s.id).await.unwrap();
         assert_eq!(space().await, (mib(4), Some(Bytes(0)), 3));
+    }
+
+    fn new_snap(id: &str, of: &VolumeId, metadata: BTreeMap<String, String>) -> NewSnapshot {
+        NewSnapshot {
+            id: SnapshotId::parse(id).unwrap(),
+            source_volume: of.clone(),
+            metadata,
+        }
     }
 
     fn new_vol(id: &str, mib: u64, source: Option<Source>) -> NewVolume {
@@ -787,11 +786,7 @@ mod tests {
         );
         std::fs::write(p.volume_path(&v.id), b"hello").unwrap();
         let s = p
-            .snapshot(&NewSnapshot {
-                id: SnapshotId::parse("s1").unwrap(),
-                source_volume: v.id.clone(),
-                metadata: BTreeMap::new(),
-            })
+            .snapshot(&new_snap("s1", &v.id, BTreeMap::new()))
             .await
             .unwrap();
         assert_eq!(s.size, Bytes::mib(8));
@@ -843,15 +838,12 @@ mod tests {
         p.open().await.unwrap();
         let v = p.create(&new_vol("v1", 8, None)).await.unwrap();
         std::fs::write(p.volume_path(&v.id), b"hello").unwrap();
-        let id = SnapshotId::parse("backup-b1").unwrap();
         let temp = BTreeMap::from([("cinderblock.backup".to_owned(), "b1".to_owned())]);
-        p.snapshot(&NewSnapshot {
-            id: id.clone(),
-            source_volume: v.id.clone(),
-            metadata: temp,
-        })
-        .await
-        .unwrap();
+        let id = p
+            .snapshot(&new_snap("backup-b1", &v.id, temp))
+            .await
+            .unwrap()
+            .id;
         assert_eq!(p.stats().await.unwrap().snapshot_count, 1);
         let marker = BTreeMap::from([(MARKER_KEY.to_owned(), "b1".to_owned())]);
         let rec = p.set_snapshot_metadata(&id, &marker).await.unwrap();

@@ -11,6 +11,7 @@
 //! changed, and is read and compared by digest as without tracking.
 
 use std::collections::{HashMap, HashSet};
+use std::fs::File;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -36,9 +37,14 @@ pub struct Extent {
 
 /// The mapped extents of a file, in file order (`FIEMAP`).
 pub fn extents(path: &Path) -> Result<Vec<Extent>, AgentError> {
-    let map = fiemap::fiemap(path).map_err(AgentError::io("map extents of", path))?;
+    let file = File::open(path).map_err(AgentError::io("map extents of", path))?;
+    extents_of(&file, path)
+}
+
+/// The mapped extents of `file` (opened from `path`), in file order (`FIEMAP`).
+fn extents_of(file: &File, path: &Path) -> Result<Vec<Extent>, AgentError> {
     let mut out = Vec::new();
-    for e in map {
+    for e in fiemap::Fiemap::new(file) {
         let e = e.map_err(AgentError::io("map extents of", path))?;
         let unknown = e
             .fe_flags
@@ -66,15 +72,18 @@ struct Stamp {
 }
 
 impl Stamp {
+    /// The stamp of the file now at `path`.
     fn of(path: &Path) -> Result<Stamp, AgentError> {
-        let m = std::fs::metadata(path).map_err(AgentError::io("stat", path))?;
-        Ok(Stamp {
-            ino: m.ino(),
-            size: m.size(),
-            blocks: m.blocks(),
-            mtime: (m.mtime(), m.mtime_nsec()),
-            ctime: (m.ctime(), m.ctime_nsec()),
-        })
+        std::fs::metadata(path)
+            .map(|m| Stamp::from(&m))
+            .map_err(AgentError::io("stat", path))
+    }
+
+    /// The stamp of the open `file` (opened from `path`).
+    fn of_file(file: &File, path: &Path) -> Result<Stamp, AgentError> {
+        file.metadata()
+            .map(|m| Stamp::from(&m))
+            .map_err(AgentError::io("stat", path))
     }
 
     /// Whether the file's last change is at least `settled` old.
@@ -83,6 +92,18 @@ impl Stamp {
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
         now.saturating_sub(u64::try_from(self.ctime.0).unwrap_or(0)) >= settled.as_secs()
+    }
+}
+
+impl From<&std::fs::Metadata> for Stamp {
+    fn from(m: &std::fs::Metadata) -> Stamp {
+        Stamp {
+            ino: m.ino(),
+            size: m.size(),
+            blocks: m.blocks(),
+            mtime: (m.mtime(), m.mtime_nsec()),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        }
     }
 }
 
@@ -191,20 +212,21 @@ impl ExtentCache {
                 out.push(m);
                 continue;
             }
+            // One open file for the flush, the stamps and the map: all of one inode.
+            let file = File::open(p).map_err(AgentError::io("map extents of", p))?;
             // Flushed (when it may be kept): its stamp then, as writing back may change the
             // allocation, is the one kept.
             let (keep, flushed) = if before.settled(self.settled) {
-                std::fs::File::open(p)
-                    .and_then(|f| f.sync_data())
-                    .map_err(AgentError::io("flush", p))?;
-                let flushed = Stamp::of(p)?;
+                file.sync_data().map_err(AgentError::io("flush", p))?;
+                let flushed = Stamp::of_file(&file, p)?;
                 (flushed.settled(self.settled), flushed)
             } else {
                 (false, before)
             };
-            let map = Arc::new(extents(p)?);
+            let map = Arc::new(extents_of(&file, p)?);
             self.mapped.fetch_add(1, Ordering::Relaxed);
-            let keep = keep && !map.iter().any(|e| e.unknown) && Stamp::of(p)? == flushed;
+            let keep =
+                keep && !map.iter().any(|e| e.unknown) && Stamp::of_file(&file, p)? == flushed;
             let entry = keep.then(|| (flushed, map.clone()));
             self.lock().put(p, entry, self.max_extents);
             out.push(map);
